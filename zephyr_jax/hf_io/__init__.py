@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints: the name map, reading and (later) writing safetensors."""

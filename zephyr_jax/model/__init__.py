@@ -1,0 +1,12 @@
+"""The Mixtral model: dense layers, MoE dispatch, and the NNX module."""
+
+from zephyr_jax.model.mixtral import (
+    KVCache,
+    Mixtral,
+    RouterStats,
+    init_kv_cache,
+    model_from_params,
+    params_dict,
+)
+
+__all__ = ["KVCache", "Mixtral", "RouterStats", "init_kv_cache", "model_from_params", "params_dict"]

@@ -1,0 +1,99 @@
+"""MoE dispatch: run each token through its top-k experts' SwiGLU and combine.
+
+One narrow interface, several implementations chosen by `MixtralConfig.moe_impl`:
+
+    dispatch(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor)
+        -> (y_ND, dropped)
+
+`dropped` counts (token, expert) assignments that were not computed: always 0 for the dropless
+implementations ("dense", "ragged"). Weights are combined in float32, as HF does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def _swiglu(h1: jax.Array, h3: jax.Array) -> jax.Array:
+    return jax.nn.silu(h1) * h3
+
+
+def dense(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=None):
+    """Reference: every expert on every token, masked by the routing weights. E times the FLOPs."""
+    E = w1_EDF.shape[0]
+    combine_NE = jnp.einsum("nk,nke->ne", weight_NK.astype(jnp.float32),
+                            jax.nn.one_hot(expert_NK, E, dtype=jnp.float32))
+    h_ENF = _swiglu(jnp.einsum("nd,edf->enf", x_ND, w1_EDF), jnp.einsum("nd,edf->enf", x_ND, w3_EDF))
+    out_END = jnp.einsum("enf,efd->end", h_ENF, w2_EFD)
+    y_ND = jnp.einsum("end,ne->nd", out_END.astype(jnp.float32), combine_NE)
+    return y_ND.astype(x_ND.dtype), jnp.zeros((), jnp.int32)
+
+
+def _sort_by_expert(expert_NK: jax.Array, E: int):
+    """Order the N*K (token, slot) assignments by expert; returns (order_M, token_M, group_sizes_E)."""
+    N, K = expert_NK.shape
+    flat_M = expert_NK.reshape(-1)
+    order_M = jnp.argsort(flat_M, stable=True)
+    group_sizes_E = jnp.bincount(flat_M, length=E).astype(jnp.int32)
+    return order_M, order_M // K, group_sizes_E
+
+
+def _combine(out_sorted_MD, order_M, weight_NK, dtype):
+    N, K = weight_NK.shape
+    out_MD = jnp.zeros_like(out_sorted_MD).at[order_M].set(out_sorted_MD)
+    out_NKD = out_MD.reshape(N, K, -1).astype(jnp.float32)
+    y_ND = jnp.einsum("nkd,nk->nd", out_NKD, weight_NK.astype(jnp.float32))
+    return y_ND.astype(dtype)
+
+
+def ragged(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=None):
+    """Dropless grouped matmul: sort assignments by expert, `jax.lax.ragged_dot`, unsort."""
+    E = w1_EDF.shape[0]
+    order_M, token_M, group_sizes_E = _sort_by_expert(expert_NK, E)
+    xs_MD = x_ND[token_M]
+    h_MF = _swiglu(jax.lax.ragged_dot(xs_MD, w1_EDF, group_sizes_E),
+                   jax.lax.ragged_dot(xs_MD, w3_EDF, group_sizes_E))
+    out_MD = jax.lax.ragged_dot(h_MF, w2_EFD, group_sizes_E)
+    return _combine(out_MD, order_M, weight_NK, x_ND.dtype), jnp.zeros((), jnp.int32)
+
+
+def capacity(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=1.25):
+    """Fixed capacity C = ceil(factor * N * K / E) per expert and one batched einsum.
+
+    Fast where grouped GEMMs are slow, but assignments past an expert's capacity are dropped
+    (they contribute zero) and counted in `dropped`. Not dropless: never the default.
+    """
+    N, K = expert_NK.shape
+    E, D, _ = w1_EDF.shape
+    C = max(1, math.ceil(capacity_factor * N * K / E))
+    flat_M = expert_NK.reshape(-1)
+    onehot_ME = jax.nn.one_hot(flat_M, E, dtype=jnp.int32)
+    pos_M = jnp.sum(jnp.cumsum(onehot_ME, axis=0) * onehot_ME, axis=-1) - 1
+    keep_M = pos_M < C
+    slot_M = jnp.where(keep_M, flat_M * C + pos_M, E * C)  # E*C is a discard row
+    token_M = jnp.arange(N * K) // K
+    buf_SD = jnp.zeros((E * C + 1, D), x_ND.dtype).at[slot_M].set(x_ND[token_M])
+    xs_ECD = buf_SD[: E * C].reshape(E, C, D)
+    h_ECF = _swiglu(jnp.einsum("ecd,edf->ecf", xs_ECD, w1_EDF),
+                    jnp.einsum("ecd,edf->ecf", xs_ECD, w3_EDF))
+    out_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, w2_EFD)
+    out_SD = jnp.concatenate([out_ECD.reshape(E * C, D), jnp.zeros((1, D), out_ECD.dtype)])
+    out_NKD = out_SD[slot_M].reshape(N, K, D).astype(jnp.float32)
+    y_ND = jnp.einsum("nkd,nk->nd", out_NKD, weight_NK.astype(jnp.float32))
+    return y_ND.astype(x_ND.dtype), jnp.sum(~keep_M).astype(jnp.int32)
+
+
+DISPATCH: dict[str, DispatchFn] = {"dense": dense, "ragged": ragged, "capacity": capacity}
+
+
+def get_dispatch(name: str) -> DispatchFn:
+    try:
+        return DISPATCH[name]
+    except KeyError:
+        raise ValueError(f"unknown moe_impl {name!r}; have {sorted(DISPATCH)}") from None

@@ -1,0 +1,265 @@
+"""Flax NNX Mixtral: computes what transformers' MixtralForCausalLM computes.
+
+Decoder layers are stored stacked (leading `layers` axis) and run with `jax.lax.scan`, so compile
+time does not grow with depth. Every parameter carries `logical_axes` metadata; the sharding
+module maps those names to mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from zephyr_jax.config import MixtralConfig
+from zephyr_jax.model.dispatch import get_dispatch
+from zephyr_jax.model.layers import (
+    apply_rope,
+    attention_mask_BTS,
+    gqa_attention,
+    rms_norm,
+    rope_cos_sin,
+)
+
+# name -> (logical axes, shape builder). Stacked layer parameters lead with "layers".
+LAYER_PARAMS: dict[str, tuple[str, ...]] = {
+    "input_norm": ("layers", "norm"),
+    "wq": ("layers", "embed", "heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "wo": ("layers", "heads", "head_dim", "embed"),
+    "post_attn_norm": ("layers", "norm"),
+    "router": ("layers", "embed", "expert_logits"),
+    "w1": ("layers", "expert", "embed", "mlp"),
+    "w3": ("layers", "expert", "embed", "mlp"),
+    "w2": ("layers", "expert", "mlp", "embed"),
+}
+
+
+def layer_param_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
+    L, D, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    N, K, H, E = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_head_dim, cfg.num_local_experts
+    return {
+        "input_norm": (L, D), "wq": (L, D, N, H), "wk": (L, D, K, H), "wv": (L, D, K, H),
+        "wo": (L, N, H, D), "post_attn_norm": (L, D), "router": (L, D, E),
+        "w1": (L, E, D, F), "w3": (L, E, D, F), "w2": (L, E, F, D),
+    }
+
+
+@struct.dataclass
+class RouterStats:
+    """What the routers did in one forward, over non-pad tokens.
+
+    aux_loss: HF `load_balancing_loss_func` (unscaled; times `router_aux_loss_coef` in the loss).
+    expert_counts_LE: (token, expert) assignments per layer and expert.
+    entropy_L: mean router entropy per layer (nats).
+    dropped: assignments dropped by a capacity-limited dispatch (0 when dropless).
+    """
+
+    aux_loss: jax.Array
+    expert_counts_LE: jax.Array
+    entropy_L: jax.Array
+    dropped: jax.Array
+
+
+class KVCache(NamedTuple):
+    """Preallocated per-layer keys/values [L, B, S, K, H], key validity [B, S] and write index."""
+
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    valid_BS: jax.Array
+    index: jax.Array  # scalar int32: where the next tokens are written
+
+
+def init_kv_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.kv_head_dim)
+    dtype = dtype or jnp.dtype(cfg.dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def route(x_ND: jax.Array, router_DE: jax.Array, top_k: int):
+    """Softmax over all experts in float32, top-k, renormalize the k weights (HF MixtralTopKRouter)."""
+    logits_NE = x_ND @ router_DE
+    probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+    weight_NK, expert_NK = jax.lax.top_k(probs_NE, top_k)
+    weight_NK = weight_NK / jnp.sum(weight_NK, axis=-1, keepdims=True)
+    return probs_NE, weight_NK, expert_NK
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _decoder_layer(cfg: MixtralConfig, p: dict, x_BTD, cos_BTH, sin_BTH, mask_BTS, token_valid_N,
+                   kv=None):
+    """One decoder layer. `kv` = (k_BSKH, v_BSKH, index) writes new keys at `index` (decoding)."""
+    dtype = jnp.dtype(cfg.dtype)
+    p = {k: v.astype(dtype) for k, v in p.items()}
+    B, T, D = x_BTD.shape
+
+    h_BTD = rms_norm(x_BTD, p["input_norm"], cfg.rms_norm_eps)
+    q_BTNH = apply_rope(jnp.einsum("btd,dnh->btnh", h_BTD, p["wq"]), cos_BTH, sin_BTH)
+    k_BTKH = apply_rope(jnp.einsum("btd,dkh->btkh", h_BTD, p["wk"]), cos_BTH, sin_BTH)
+    v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wv"])
+    new_kv = None
+    if kv is not None:
+        k_cache, v_cache, index = kv
+        k_BSKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), (0, index, 0, 0))
+        v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), (0, index, 0, 0))
+        new_kv = (k_BSKH, v_BSKH)
+        k_BTKH, v_BTKH = k_BSKH.astype(dtype), v_BSKH.astype(dtype)
+    attn_BTNH = gqa_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg.attention_impl)
+    x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", attn_BTNH, p["wo"])
+
+    h_ND = rms_norm(x_BTD, p["post_attn_norm"], cfg.rms_norm_eps).reshape(B * T, D)
+    probs_NE, weight_NK, expert_NK = route(h_ND, p["router"], cfg.num_experts_per_tok)
+    y_ND, dropped = get_dispatch(cfg.moe_impl)(
+        h_ND, expert_NK, weight_NK, p["w1"], p["w3"], p["w2"], cfg.moe_capacity_factor)
+    x_BTD = x_BTD + y_ND.reshape(B, T, D)
+
+    valid_N = token_valid_N.astype(jnp.float32)
+    E = probs_NE.shape[-1]
+    stats = {
+        "counts_E": jnp.einsum("nke,n->e", jax.nn.one_hot(expert_NK, E, dtype=jnp.float32), valid_N),
+        "prob_sum_E": jnp.einsum("ne,n->e", probs_NE, valid_N),
+        "entropy_sum": jnp.sum(-jnp.sum(probs_NE * jnp.log(jnp.maximum(probs_NE, 1e-30)), -1) * valid_N),
+        "dropped": dropped,
+    }
+    return x_BTD, stats, new_kv
+
+
+class Mixtral(nnx.Module):
+    """Mixtral causal LM.
+
+    `model(input_ids, attention_mask)` -> logits [B, T, vocab];
+    `model(..., return_stats=True)` -> (logits, RouterStats) from the same forward.
+    """
+
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdt = jnp.dtype(config.param_dtype)
+        std = 0.02  # HF initializer_range
+        D, V = config.hidden_size, config.vocab_size
+
+        def normal(shape):
+            return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(pdt)
+
+        self.embed = nnx.Param(normal((V, D)), logical_axes=("vocab", "embed"))
+        self.layers = nnx.Dict({
+            name: nnx.Param(jnp.ones(shape, pdt) if name.endswith("norm") else normal(shape),
+                            logical_axes=LAYER_PARAMS[name])
+            for name, shape in layer_param_shapes(config).items()
+        })
+        self.final_norm = nnx.Param(jnp.ones((D,), pdt), logical_axes=("norm",))
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(normal((D, V)), logical_axes=("embed", "vocab"))
+
+    # --- pieces, for memory-lean losses and generation ---
+    def head_DV(self) -> jax.Array:
+        w = self.embed.value.T if self.config.tie_word_embeddings else self.lm_head.value
+        return w.astype(jnp.dtype(self.config.dtype))
+
+    def backbone(self, input_ids_BT, attention_mask_BT=None, positions_BT=None, cache: KVCache | None = None):
+        """Final-normed hidden states [B, T, D], RouterStats, and the updated cache (if given)."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        B, T = input_ids_BT.shape
+        if attention_mask_BT is None:
+            attention_mask_BT = jnp.ones((B, T), bool)
+        attention_mask_BT = attention_mask_BT.astype(bool)
+        offset = cache.index if cache is not None else 0
+        if positions_BT is None:
+            # HF's default: positions are sequence indices, whatever the padding.
+            positions_BT = jnp.broadcast_to(offset + jnp.arange(T), (B, T))
+        query_index_T = offset + jnp.arange(T)
+        if cache is not None:
+            key_valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, attention_mask_BT, (0, offset))
+        else:
+            key_valid_BS = attention_mask_BT
+        mask_BTS = attention_mask_BTS(query_index_T, key_valid_BS, cfg.sliding_window)
+        cos_BTH, sin_BTH = rope_cos_sin(positions_BT, cfg.kv_head_dim, cfg.rope_theta, dtype)
+        token_valid_N = attention_mask_BT.reshape(-1)
+
+        x_BTD = jnp.take(self.embed.value, input_ids_BT, axis=0).astype(dtype)
+        layer_params = {k: v.value for k, v in self.layers.items()}
+
+        def body(x, xs):
+            if cache is None:
+                p, kv = xs, None
+            else:
+                p, k_c, v_c = xs
+                kv = (k_c, v_c, offset)
+            x, stats, new_kv = _decoder_layer(cfg, p, x, cos_BTH, sin_BTH, mask_BTS, token_valid_N, kv)
+            return x, (stats, new_kv)
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        xs = layer_params if cache is None else (layer_params, cache.k_LBSKH, cache.v_LBSKH)
+        x_BTD, (stats, new_kv) = jax.lax.scan(body, x_BTD, xs)
+
+        h_BTD = rms_norm(x_BTD, self.final_norm.value, cfg.rms_norm_eps)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(new_kv[0], new_kv[1], key_valid_BS, cache.index + T)
+        return h_BTD, self._router_stats(stats, token_valid_N), new_cache
+
+    def _router_stats(self, stats, token_valid_N) -> RouterStats:
+        L, E = stats["counts_E"].shape
+        n_valid = jnp.maximum(jnp.sum(token_valid_N.astype(jnp.float32)), 1.0)
+        tokens_per_expert_E = jnp.sum(stats["counts_E"], 0) / (L * n_valid)
+        prob_per_expert_E = jnp.sum(stats["prob_sum_E"], 0) / (L * n_valid)
+        aux = jnp.sum(tokens_per_expert_E * prob_per_expert_E) * E
+        return RouterStats(aux_loss=aux, expert_counts_LE=stats["counts_E"],
+                           entropy_L=stats["entropy_sum"] / n_valid,
+                           dropped=jnp.sum(stats["dropped"]))
+
+    def __call__(self, input_ids_BT, attention_mask_BT=None, positions_BT=None, *, return_stats=False):
+        h_BTD, stats, _ = self.backbone(input_ids_BT, attention_mask_BT, positions_BT)
+        logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, self.head_DV())
+        return (logits_BTV, stats) if return_stats else logits_BTV
+
+
+def params_dict(model: Mixtral) -> dict:
+    """The model's parameters as a plain nested dict {embed, layers: {...}, final_norm, lm_head}."""
+    out = {"embed": model.embed.value, "final_norm": model.final_norm.value,
+           "layers": {k: v.value for k, v in model.layers.items()}}
+    if not model.config.tie_word_embeddings:
+        out["lm_head"] = model.lm_head.value
+    return out
+
+
+def model_from_params(config: MixtralConfig, params: dict) -> Mixtral:
+    """Build a Mixtral holding `params` (arrays in our layout), without random initialization."""
+    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+    expected = jax.tree.map(lambda x: (tuple(x.shape)), params_dict(model))
+    got = jax.tree.map(lambda x: tuple(x.shape), params)
+    if jax.tree.structure(expected) != jax.tree.structure(got):
+        raise ValueError(f"parameter names differ from the model's: expected {sorted(_flat(expected))}, "
+                         f"got {sorted(_flat(got))}")
+    pdt = jnp.dtype(config.param_dtype)
+    for name, shape in _flat(expected).items():
+        if _flat(got)[name] != shape:
+            raise ValueError(f"parameter {name!r} has shape {_flat(got)[name]}, config implies {shape}")
+    model.embed.value = jnp.asarray(params["embed"], pdt)
+    model.final_norm.value = jnp.asarray(params["final_norm"], pdt)
+    for k in model.layers:
+        model.layers[k].value = jnp.asarray(params["layers"][k], pdt)
+    if not config.tie_word_embeddings:
+        model.lm_head.value = jnp.asarray(params["lm_head"], pdt)
+    return model
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
