@@ -92,6 +92,8 @@ class MixtralConfig:
         else:
             need(isinstance(self.head_dim, int) and self.head_dim > 0, "head_dim",
                  "must be a positive integer or null")
+        need(self.kv_head_dim % 2 == 0, "head_dim" if self.head_dim else "hidden_size",
+             f"RoPE needs an even head dimension, got {self.kv_head_dim}")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"must divide num_attention_heads={self.num_attention_heads}")
         need(self.num_experts_per_tok <= self.num_local_experts, "num_experts_per_tok",

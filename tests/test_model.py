@@ -1,0 +1,233 @@
+"""The NNX Mixtral against transformers' MixtralForCausalLM (torch, CPU, float32, random weights)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import zephyr_jax as zj
+from zephyr_jax.config import ConfigError, MixtralConfig
+from zephyr_jax.hf_io.load import CheckpointError
+from zephyr_jax.model import dispatch
+
+HF_CONFIGS = {
+    # top-2 of 4 experts, head_dim from hidden / heads
+    "top2of4": dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2, rope_theta=1e4),
+    # top-3 of 6 experts, odd sizes, GQA groups of 3, explicit head_dim != hidden / heads
+    "top3of6_odd": dict(vocab_size=97, hidden_size=30, intermediate_size=37, num_hidden_layers=3,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=6, num_local_experts=6,
+                        num_experts_per_tok=3, rope_theta=1e6),
+}
+
+
+def _save_hf(tmp_path, name, **extra):
+    kw = dict(HF_CONFIGS[name], max_position_embeddings=64, output_router_logits=True, **extra)
+    torch.manual_seed(0)
+    # the eager per-expert loop is HF's plainest path (grouped_mm needs 16-byte-aligned strides)
+    hf_cfg = transformers.MixtralConfig(**kw, experts_implementation="eager")
+    model = transformers.MixtralForCausalLM(hf_cfg).eval()
+    path = tmp_path / name
+    model.save_pretrained(path, max_shard_size="20KB")  # really sharded
+    return model, path
+
+
+def _batch(vocab, padding_side):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, vocab, size=(3, 11))
+    mask = np.ones_like(ids)
+    lengths = [11, 7, 4]
+    for b, n in enumerate(lengths):
+        if padding_side == "right":
+            mask[b, n:] = 0
+        else:
+            mask[b, : 11 - n] = 0
+    return ids, mask
+
+
+def _rel_err(ours, ref, mask):
+    valid = mask.astype(bool)
+    return float(np.max(np.abs(ours[valid] - ref[valid])) / np.max(np.abs(ref[valid])))
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("moe_impl", ["ragged", "dense"])
+def test_logits_and_aux_loss_match_transformers(tmp_path, name, padding_side, moe_impl):
+    hf_model, path = _save_hf(tmp_path, name)
+    model = zj.from_pretrained(path, moe_impl=moe_impl)
+    ids, mask = _batch(hf_model.config.vocab_size, padding_side)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask))
+    logits, stats = model(jnp.asarray(ids), jnp.asarray(mask), return_stats=True)
+    assert logits.shape == (3, 11, hf_model.config.vocab_size)
+    assert _rel_err(np.asarray(logits), ref.logits.numpy(), mask) <= 1e-4
+    ref_aux = float(ref.aux_loss)
+    assert abs(float(stats.aux_loss) - ref_aux) / abs(ref_aux) <= 1e-4
+    # counts cover every non-pad token exactly top-k times per layer
+    k = hf_model.config.num_experts_per_tok
+    np.testing.assert_array_equal(np.asarray(stats.expert_counts_LE).sum(-1), mask.sum() * k)
+
+
+def test_attention_impls_and_sliding_window_match_transformers(tmp_path):
+    hf_model, path = _save_hf(tmp_path, "top2of4", sliding_window=3)
+    ids, mask = _batch(hf_model.config.vocab_size, "right")
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    for impl in ("xla", "dot_product_attention"):
+        model = zj.from_pretrained(path, attention_impl=impl)
+        assert _rel_err(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), ref, mask) <= 1e-4
+
+
+def test_aux_loss_without_mask_matches_transformers(tmp_path):
+    hf_model, path = _save_hf(tmp_path, "top3of6_odd")
+    ids, _ = _batch(hf_model.config.vocab_size, "right")
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids)).aux_loss
+    _, stats = zj.from_pretrained(path)(jnp.asarray(ids), return_stats=True)
+    assert abs(float(stats.aux_loss) - float(ref)) / float(ref) <= 1e-4
+
+
+def _routing_case(seed=0, N=40, D=12, F=20, E=6, K=2):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(keys[0], (N, D))
+    logits = jax.random.normal(keys[1], (N, E))
+    probs = jax.nn.softmax(logits)
+    w, idx = jax.lax.top_k(probs, K)
+    w = w / w.sum(-1, keepdims=True)
+    w1 = jax.random.normal(keys[2], (E, D, F)) * 0.3
+    w3 = jax.random.normal(keys[3], (E, D, F)) * 0.3
+    w2 = jax.random.normal(keys[4], (E, F, D)) * 0.3
+    return x, idx, w, w1, w3, w2
+
+
+@pytest.mark.parametrize("impl", ["ragged", "capacity"])
+def test_dispatch_paths_agree_forward_and_gradients(impl):
+    x, idx, w, w1, w3, w2 = _routing_case()
+    # capacity with room for every assignment is dropless, so it must agree too
+    kwargs = {"capacity_factor": float(w1.shape[0])}
+
+    def loss(fn, x, w, w1, w3, w2):
+        y, _ = fn(x, idx, w, w1, w3, w2, **kwargs)
+        return jnp.sum(jnp.sin(y))
+
+    ref_val, ref_grads = jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5))(dispatch.dense, x, w, w1, w3, w2)
+    val, grads = jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5))(dispatch.DISPATCH[impl], x, w, w1, w3, w2)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-6)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(rg))))
+
+
+def test_capacity_dispatch_counts_dropped_assignments():
+    x, _, w, w1, w3, w2 = _routing_case(N=16, K=2)
+    idx = jnp.zeros((16, 2), jnp.int32).at[:, 1].set(1)  # everything to experts 0 and 1
+    y, dropped = dispatch.capacity(x, idx, w, w1, w3, w2, capacity_factor=1.0)
+    capacity = int(np.ceil(16 * 2 / 6))
+    assert int(dropped) == 2 * (16 - capacity)
+    assert np.all(np.asarray(y[capacity:]) == 0)  # dropped tokens get no expert output
+
+
+def test_model_gradients_ragged_equal_dense():
+    cfg = MixtralConfig.preset("tiny")
+    ids = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
+    mask = jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
+    grads = {}
+    for impl in ("dense", "ragged"):
+        model = zj.Mixtral(cfg.replace(moe_impl=impl), rngs=nnx.Rngs(3))
+
+        def loss(m):
+            logits, stats = m(ids, mask, return_stats=True)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + stats.aux_loss
+
+        grads[impl] = nnx.state(nnx.grad(loss)(model), nnx.Param)
+    flat_d = jax.tree.leaves(grads["dense"])
+    flat_r = jax.tree.leaves(grads["ragged"])
+    for gd, gr in zip(flat_d, flat_r, strict=True):
+        np.testing.assert_allclose(gr, gd, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(gd)) + 1e-30))
+
+
+def test_remat_and_bf16_compute():
+    cfg = MixtralConfig.preset("tiny")
+    ids = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
+    base = zj.Mixtral(cfg, rngs=nnx.Rngs(0))
+    params = zj.params_dict(base)
+
+    def grad_of(c):
+        m = zj.model_from_params(c, params)
+        return nnx.state(nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(m), nnx.Param)
+
+    ref = grad_of(cfg)
+    for policy in ("full", "dots", "dots_no_batch"):
+        got = grad_of(cfg.replace(remat=policy))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    bf16 = zj.model_from_params(cfg.replace(dtype="bfloat16"), params)
+    out = bf16(ids)
+    assert out.dtype == jnp.bfloat16
+    ref_logits = base(ids)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_logits))) < 0.05 * float(jnp.max(jnp.abs(ref_logits)))
+
+
+def _compile_seconds(layers: int) -> float:
+    cfg = MixtralConfig.preset("tiny").replace(num_hidden_layers=layers)
+    model = zj.Mixtral(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    ids = jnp.zeros((2, 16), jnp.int32)
+
+    def loss(state):
+        return jnp.mean(nnx.merge(graphdef, state)(ids) ** 2)
+
+    t0 = time.perf_counter()
+    jax.jit(jax.grad(loss)).lower(state).compile()
+    return time.perf_counter() - t0
+
+
+def test_compile_time_does_not_grow_with_depth():
+    _compile_seconds(1)  # warm the compiler's own caches
+    two, eight = min(_compile_seconds(2) for _ in range(2)), min(_compile_seconds(8) for _ in range(2))
+    assert eight < 2 * two, (two, eight)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (dict(num_attention_heads=5), "num_attention_heads"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(moe_impl="magic"), "moe_impl"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+    ],
+)
+def test_bad_config_names_the_field(change, field):
+    with pytest.raises(ConfigError, match=field):
+        MixtralConfig.preset("tiny", **change)
+
+
+def test_from_hf_rejects_unknown_keys_and_other_models(tmp_path):
+    good = MixtralConfig.preset("tiny").to_hf()
+    assert MixtralConfig.from_hf(good).to_hf() == good
+    with pytest.raises(ConfigError, match="num_experts_typo"):
+        MixtralConfig.from_hf({**good, "num_experts_typo": 3})
+    with pytest.raises(ConfigError, match="llama"):
+        MixtralConfig.from_hf({**good, "model_type": "llama"})
+
+
+def test_checkpoint_not_matching_config_names_the_tensor(tmp_path):
+    _, path = _save_hf(tmp_path, "top2of4")
+    cfg_path = path / "config.json"
+    import json
+
+    cfg = json.loads(cfg_path.read_text())
+    cfg["intermediate_size"] = 50
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"block_sparse_moe\.experts\.0\.w1\.weight"):
+        zj.from_pretrained(path)
