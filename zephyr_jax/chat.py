@@ -1,0 +1,107 @@
+"""Chat with a Mixtral checkpoint from the command line.
+
+    python -m zephyr_jax.chat --model runs/zephyr-tiny/final \
+        --system "You are Zephyr, a helpful assistant." --prompt "What is a mixture of experts?"
+
+With `--prompt` the answer is printed and the program exits. Without it, an interactive multi-turn
+chat reads one user message per line from stdin, streams the answer as it is generated, keeps the
+conversation history, and ends on EOF (Ctrl-D) or `/exit`. Sampling defaults are the Zephyr model
+card's (temperature 0.7, top_k 50, top_p 0.95, 512 new tokens); `--temperature 0` is greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, TextIO
+
+from zephyr_jax.generate import generate, stream_generate
+from zephyr_jax.pretrained import from_pretrained
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def load_chat_tokenizer(path: str) -> Any:
+    """The tokenizer saved beside the model at `path`, else the project's default tokenizer.
+
+    A saved tokenizer without a chat template (a base model's) borrows the default tokenizer's
+    template, so prompts look like the ones the model was aligned on.
+    """
+    default = None
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        # Imported here: the data package pulls in dataset tooling a saved tokenizer does not need.
+        from zephyr_jax.data import load_tokenizer
+
+        tokenizer = default = load_tokenizer()
+    if not getattr(tokenizer, "chat_template", None):
+        if default is None:
+            from zephyr_jax.data import load_tokenizer
+
+            default = load_tokenizer()
+        tokenizer.chat_template = getattr(default, "chat_template", None)
+        if not tokenizer.chat_template:
+            raise ValueError(f"{path}: the tokenizer has no chat template and no default exists")
+    return tokenizer
+
+
+def interactive(model, tokenizer, history: list[dict[str, str]], sampling: dict[str, Any],
+                stdin: TextIO, stdout: TextIO) -> None:
+    """Multi-turn loop: one user message per input line, answers streamed to `stdout`."""
+    prompt = "user> " if stdin.isatty() else ""
+    while True:
+        if prompt:
+            stdout.write(prompt)
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        pieces = []
+        for piece in stream_generate(model, tokenizer, history, **sampling):
+            pieces.append(piece)
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        stdout.flush()
+        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zephyr_jax.chat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="model path for zephyr_jax.from_pretrained (e.g. an HF folder)")
+    parser.add_argument("--prompt", help="answer this one message and exit")
+    parser.add_argument("--system", help="system message at the start of the conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="0 disables")
+    parser.add_argument("--top-p", type=float, default=0.95, help="1.0 disables")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (default: the model's)")
+    args = parser.parse_args(argv)
+
+    runtime = {"dtype": args.dtype} if args.dtype else {}
+    model = from_pretrained(args.model, **runtime)
+    tokenizer = load_chat_tokenizer(args.model)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    history = [] if args.system is None else [{"role": "system", "content": args.system}]
+    if args.prompt is not None:
+        print(generate(model, tokenizer, [*history, {"role": "user", "content": args.prompt}],
+                       **sampling))
+        return 0
+    interactive(model, tokenizer, history, sampling, sys.stdin, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

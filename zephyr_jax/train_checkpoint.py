@@ -1,0 +1,66 @@
+"""Training checkpoints: orbax CheckpointManager under `output_dir/checkpoints/<step>/`.
+
+Each step holds three items: `params` (the model pytree, readable on its own by
+`zephyr_jax.from_pretrained(output_dir)`), `opt_state`, and `meta` (JSON: step, data-iterator
+state, the resolved config). orbax writes into a temporary folder and renames it into place, so
+a crash mid-save never leaves a half checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from zephyr_jax.train_step import TrainState
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class TrainCheckpointer:
+    def __init__(self, output_dir: str, save_total_limit: int | None = None):
+        self.directory = os.path.abspath(os.path.join(output_dir, CHECKPOINT_SUBDIR))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=save_total_limit, create=True,
+                                                 enable_async_checkpointing=False),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, meta: dict[str, Any]) -> int:
+        step = int(jax.device_get(state.step))
+        if step in self.manager.all_steps():
+            return step
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave(meta),
+        ), force=True)
+        self.manager.wait_until_finished()
+        return step
+
+    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """Restore onto the shardings and dtypes of `abstract_state` (ShapeDtypeStructs are fine)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+
+        def target(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(jax.tree.map(target, abstract_state.params)),
+            opt_state=ocp.args.StandardRestore(jax.tree.map(target, abstract_state.opt_state)),
+            meta=ocp.args.JsonRestore(),
+        ))
+        state = TrainState(step=jnp.asarray(out.meta["step"], jnp.int32), params=out.params,
+                           opt_state=out.opt_state)
+        return state, out.meta
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,95 @@
+"""Pure train and eval steps: `(state, batch) -> (state, metrics)`.
+
+Batches hold the preference pairs as `chosen_*` / `rejected_*` arrays. The train step takes a
+leading gradient-accumulation axis `[A, b, T]` and scans over it, so memory is one micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from zephyr_jax.config import MixtralConfig
+from zephyr_jax.model import model_from_params
+from zephyr_jax.orpo import concat_pairs, orpo_loss_from_hidden
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer steps taken (int32 scalar)
+    params: dict
+    opt_state: optax.OptState
+
+
+def create_train_state(params: dict, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def loss_and_metrics(params: dict, batch: dict, model_cfg: MixtralConfig, beta: float, chunk_size: int):
+    """ORPO loss of one forward over [chosen; rejected], TRL's metrics, and router statistics."""
+    model = model_from_params(model_cfg, params)
+    ids_2BT, mask_2BT, _ = concat_pairs(batch)
+    hidden_2BTD, stats, _ = model.backbone(ids_2BT, mask_2BT)
+    aux = stats.aux_loss if model_cfg.output_router_logits else None
+    loss, metrics = orpo_loss_from_hidden(
+        hidden_2BTD, model.head_DV(), batch, beta, aux_loss=aux,
+        router_aux_loss_coef=model_cfg.router_aux_loss_coef, chunk_size=chunk_size)
+    counts_LE = stats.expert_counts_LE
+    router = {
+        "router/aux_loss": stats.aux_loss,
+        "router/expert_share": counts_LE / jnp.maximum(jnp.sum(counts_LE, -1, keepdims=True), 1.0),
+        "router/entropy": stats.entropy_L,
+        "router/dropped": stats.dropped.astype(jnp.float32),
+        "num_tokens": jnp.sum(mask_2BT).astype(jnp.float32),
+    }
+    return loss, {**metrics, **router}
+
+
+def make_train_step(model_cfg: MixtralConfig, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, beta: float, chunk_size: int) -> Callable:
+    """A pure `(state, batch[A, b, T]) -> (state, metrics)`; jit it with the state donated.
+
+    A step whose loss or gradient norm is not finite is not applied (the state passes through
+    unchanged) and reports `finite = 0`, so the host can stop with the last good state intact.
+    """
+
+    def train_step(state: TrainState, batch: dict):
+        grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+        acc_dtype = jnp.float32  # accumulate bf16 gradients in float32
+
+        def micro(grads_acc, mb):
+            (loss, metrics), grads = grad_fn(state.params, mb, model_cfg, beta, chunk_size)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grads_acc, grads)
+            return grads_acc, {"loss": loss, **metrics}
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), state.params)
+        grads, per_micro = jax.lax.scan(micro, zeros, batch)
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
+        grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, state.params)
+        metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_micro)
+        metrics["num_tokens"] = jnp.sum(per_micro["num_tokens"])
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step),
+                       finite=finite.astype(jnp.float32))
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(model_cfg: MixtralConfig, beta: float, chunk_size: int) -> Callable:
+    """A pure `(params, batch[b, T]) -> metrics` (loss included)."""
+
+    def eval_step(params: dict, batch: dict):
+        loss, metrics = loss_and_metrics(params, batch, model_cfg, beta, chunk_size)
+        return {"loss": loss, **metrics}
+
+    return eval_step

@@ -1,0 +1,245 @@
+"""The ORPO training run: data, model, optimizer, checkpoints, logging, eval, export.
+
+`train(cfg)` is what `python -m zephyr_jax.train` calls; notebooks can call it too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zephyr_jax import data as zdata
+from zephyr_jax.config import ConfigError, MixtralConfig
+from zephyr_jax.logging_utils import RunLogger
+from zephyr_jax.model import Mixtral, params_dict
+from zephyr_jax.optim import make_optimizer, make_schedule
+from zephyr_jax.train_checkpoint import TrainCheckpointer
+from zephyr_jax.train_config import TrainConfig
+from zephyr_jax.train_step import TrainState, create_train_state, make_eval_step, make_train_step
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, bad data); the message says where."""
+
+
+def build_model(cfg: TrainConfig) -> tuple[MixtralConfig, dict]:
+    """Pretrained weights (HF folder, our checkpoint, trainer output) or a seeded random init."""
+    if cfg.model_name_or_path:
+        from zephyr_jax.pretrained import load_params
+
+        return load_params(cfg.model_name_or_path, **cfg.runtime_overrides())
+    model_cfg = cfg.model_config()
+    model = Mixtral(model_cfg, rngs=nnx.Rngs(params=cfg.seed))
+    return model_cfg, params_dict(model)
+
+
+def build_data(cfg: TrainConfig, tokenizer, process_index: int, process_count: int):
+    """Tokenized train / eval examples, each with its processing report."""
+    out = []
+    for split in cfg.dataset_splits:
+        rows = zdata.load_mixture(cfg.dataset_mixer, split=split, seed=cfg.seed)
+        examples, report = zdata.tokenize_dataset(
+            rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+            max_bad_fraction=cfg.max_bad_row_fraction, source=f"{split} split")
+        if process_index == 0:
+            print(f"[data] {split}: {report.summary()}", flush=True)
+        out.append(examples)
+    return out[0], (out[1] if len(out) > 1 else None)
+
+
+def _stack_micro(batches: list[dict]) -> dict:
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _mean_window(window: list[dict]) -> dict:
+    out = {}
+    for k in window[0]:
+        vals = np.stack([np.asarray(m[k], np.float64) for m in window])
+        out[k] = vals.sum(0) if k == "num_tokens" else vals.mean(0)
+    return out
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """A resumed run re-logs the steps after its checkpoint: drop what a killed run wrote past it."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(keep)
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT request a checkpoint and a clean exit at the next step boundary."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def evaluate(eval_fn, params, examples, batch_size: int) -> dict:
+    loader = zdata.PreferenceLoader(examples, batch_size=batch_size, seed=0, num_epochs=1,
+                                    shuffle=False)
+    window = [jax.device_get(eval_fn(params, b)) for b in loader]
+    if not window:
+        return {}
+    return {f"eval_{k}": v for k, v in _mean_window(window).items()}
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) the training described by `cfg`; returns the last logged metrics."""
+    t_start = time.time()
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    n_devices = jax.device_count()
+
+    model_cfg, params = build_model(cfg)
+    tokenizer = zdata.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                                     chat_template=cfg.chat_template)
+    train_examples, eval_examples = build_data(cfg, tokenizer, process_index, process_count)
+
+    micro_batch = cfg.per_device_train_batch_size * n_devices  # global pairs per micro-batch
+    accum = cfg.gradient_accumulation_steps
+    if micro_batch % process_count:
+        raise ConfigError(f"per_device_train_batch_size * devices = {micro_batch} is not divisible "
+                          f"by the {process_count} processes")
+    loader = zdata.PreferenceLoader(train_examples, batch_size=micro_batch // process_count,
+                                    seed=cfg.seed, num_epochs=None, shard_index=process_index,
+                                    shard_count=process_count)
+    steps_per_epoch = loader.steps_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"dataset_mixer: {len(train_examples)} train pairs are fewer than one "
+                          f"optimizer step of {micro_batch * accum} pairs")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+
+    schedule = make_schedule(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_steps, total_steps)
+    tx = make_optimizer(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+                        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                        moment_dtype=None if cfg.optimizer_moment_dtype == "float32" else jnp.bfloat16)
+    train_step = jax.jit(make_train_step(model_cfg, tx, schedule, cfg.beta, cfg.loss_chunk_size),
+                         donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model_cfg, cfg.beta, cfg.loss_chunk_size))
+
+    ckpt = TrainCheckpointer(cfg.output_dir, cfg.save_total_limit)
+    state = create_train_state(params, tx)
+    del params
+    resumed = ckpt.latest_step()
+    if resumed is not None:
+        state, meta = ckpt.restore(state)
+        loader.set_state(meta["data_state"])
+        print(f"[train] resumed from {ckpt.directory}/{resumed}", flush=True)
+    if process_index == 0:
+        _write_run_files(cfg, model_cfg)
+        _truncate_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"), int(state.step))
+
+    def save_meta() -> dict:
+        return {"step": int(state.step), "data_state": loader.get_state(), "config": cfg.to_dict(),
+                "model_config": model_cfg.to_hf()}
+
+    logger = RunLogger(cfg.output_dir, report_to=cfg.report_to, logging_steps=cfg.logging_steps)
+    # HF: eval_steps defaults to logging_steps
+    eval_every = (cfg.eval_steps or cfg.logging_steps) if cfg.eval_strategy == "steps" else None
+    step, window, last_logged = int(state.step), [], {}
+    progress = logger.progress(total=total_steps, initial=step)
+    with _StopFlag() as stop:
+        while step < total_steps:
+            batch = _stack_micro([next(loader) for _ in range(accum)])
+            state, metrics = train_step(state, batch)
+            metrics = jax.device_get(metrics)
+            step += 1
+            if not metrics.pop("finite"):
+                raise TrainingError(
+                    f"step {step}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite; "
+                    f"stopping. The update was not applied; the last good checkpoint in "
+                    f"{ckpt.directory} (step {ckpt.latest_step()}) is intact.")
+            window.append(metrics)
+            progress.update(step, loss=float(metrics["loss"]), lr=float(metrics["learning_rate"]),
+                            tokens=float(metrics["num_tokens"]))
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                last_logged = {**_mean_window(window), "epoch": step / steps_per_epoch}
+                logger.log(step, last_logged)
+                window = []
+            if eval_examples is not None and eval_every and step % eval_every == 0 and step < total_steps:
+                logger.log(step, evaluate(eval_step, state.params, eval_examples,
+                                          cfg.per_device_eval_batch_size * n_devices))
+            if cfg.save_strategy == "steps" and step % cfg.save_steps == 0:
+                ckpt.save(state, save_meta())
+            if cfg.save_strategy == "epoch" and step % steps_per_epoch == 0:
+                ckpt.save(state, save_meta())
+            if stop.signal is not None:
+                ckpt.save(state, save_meta())
+                progress.close()
+                logger.close()
+                ckpt.close()
+                print(f"[train] signal {stop.signal}: saved step {step} to {ckpt.directory}; "
+                      "run the same command again to resume", flush=True)
+                return {"stopped_by_signal": stop.signal, "step": step}
+    progress.close()
+    final = dict(last_logged)
+    if eval_examples is not None and cfg.eval_strategy != "no":
+        ev = evaluate(eval_step, state.params, eval_examples, cfg.per_device_eval_batch_size * n_devices)
+        logger.log(step, ev)
+        final.update(ev)
+    if cfg.save_strategy != "no":
+        ckpt.save(state, save_meta())
+    logger.close()
+    ckpt.close()
+    if cfg.export_hf and process_index == 0:
+        from zephyr_jax.pretrained import save_pretrained
+
+        export_dir = os.path.join(cfg.output_dir, "hf")
+        save_pretrained(jax.device_get(state.params), export_dir, config=model_cfg, format="hf",
+                        tokenizer=tokenizer, overwrite=True)
+        print(f"[train] exported Hugging Face model to {export_dir}", flush=True)
+    final["train_runtime"] = time.time() - t_start
+    final["step"] = step
+    return final
+
+
+def _write_run_files(cfg: TrainConfig, model_cfg: MixtralConfig) -> None:
+    """config.json (the model, HF format) and train_config.yaml (resolved), written atomically."""
+    import yaml
+
+    for name, text in (("config.json", json.dumps(model_cfg.to_hf(), indent=2)),
+                       ("train_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))):
+        path = os.path.join(cfg.output_dir, name)
+        with open(path + ".tmp", "w") as fh:
+            fh.write(text)
+        os.replace(path + ".tmp", path)
+
+
+def main_guard(fn, *args) -> int:
+    """Turn the errors we raise for bad input into one clear line and exit code 2."""
+    try:
+        fn(*args)
+    except (ConfigError, TrainingError, zdata.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["TrainState", "TrainingError", "build_model", "evaluate", "train"]
