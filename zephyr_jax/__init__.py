@@ -1,8 +1,23 @@
-"""zephyr_jax: ORPO alignment of Mixtral Mixture-of-Experts models in JAX / Flax NNX."""
+"""zephyr_jax: ORPO alignment of Mixtral Mixture-of-Experts models in JAX / Flax NNX.
+
+    import zephyr_jax as zj
+    model = zj.from_pretrained("outputs/demo")            # HF folder, checkpoint or run dir
+    logits, stats = model(input_ids, attention_mask, return_stats=True)
+    zj.generate(model, tokenizer, [{"role": "user", "content": "Hi"}], temperature=0)
+"""
 
 from zephyr_jax.config import ConfigError, MixtralConfig
-from zephyr_jax.model import KVCache, Mixtral, RouterStats, init_kv_cache, model_from_params, params_dict
-from zephyr_jax.pretrained import from_pretrained
+from zephyr_jax.generate import generate, generate_ids, stream_generate
+from zephyr_jax.model import (
+    KVCache,
+    Mixtral,
+    RouterStats,
+    init_kv_cache,
+    model_from_params,
+    params_dict,
+)
+from zephyr_jax.orpo import concat_pairs, orpo_loss, orpo_loss_from_hidden
+from zephyr_jax.pretrained import from_pretrained, save_pretrained
 
 __all__ = [
     "ConfigError",
@@ -10,8 +25,15 @@ __all__ = [
     "Mixtral",
     "MixtralConfig",
     "RouterStats",
+    "concat_pairs",
     "from_pretrained",
+    "generate",
+    "generate_ids",
     "init_kv_cache",
     "model_from_params",
+    "orpo_loss",
+    "orpo_loss_from_hidden",
     "params_dict",
+    "save_pretrained",
+    "stream_generate",
 ]

@@ -1,6 +1,6 @@
-"""Chat with a Mixtral checkpoint from the command line.
+r"""Chat with a Mixtral checkpoint from the command line.
 
-    python -m zephyr_jax.chat --model runs/zephyr-tiny/final \
+    python -m zephyr_jax.chat --model outputs/run/hf \
         --system "You are Zephyr, a helpful assistant." --prompt "What is a mixture of experts?"
 
 With `--prompt` the answer is printed and the program exits. Without it, an interactive multi-turn
@@ -23,30 +23,24 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 
 def load_chat_tokenizer(path: str) -> Any:
-    """The tokenizer saved beside the model at `path`, else the project's default tokenizer.
+    """The tokenizer saved at `path` if it has a chat template, else `zephyr_jax.data`'s.
 
-    A saved tokenizer without a chat template (a base model's) borrows the default tokenizer's
-    template, so prompts look like the ones the model was aligned on.
+    A saved tokenizer without a template (a base model's) goes through `load_tokenizer(path)`,
+    which adds the Zephyr template the model was aligned with; a path without tokenizer files
+    (e.g. a checkpoint directory) gets the shipped Mixtral tokenizer.
     """
-    default = None
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+    has_files = os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+    if has_files:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-    else:
-        # Imported here: the data package pulls in dataset tooling a saved tokenizer does not need.
-        from zephyr_jax.data import load_tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer
+    # Imported only here: the data package pulls in dataset tooling (seconds of imports).
+    from zephyr_jax.data import load_tokenizer
 
-        tokenizer = default = load_tokenizer()
-    if not getattr(tokenizer, "chat_template", None):
-        if default is None:
-            from zephyr_jax.data import load_tokenizer
-
-            default = load_tokenizer()
-        tokenizer.chat_template = getattr(default, "chat_template", None)
-        if not tokenizer.chat_template:
-            raise ValueError(f"{path}: the tokenizer has no chat template and no default exists")
-    return tokenizer
+    return load_tokenizer(path if has_files else None)
 
 
 def interactive(model, tokenizer, history: list[dict[str, str]], sampling: dict[str, Any],

@@ -36,7 +36,7 @@ _HF_IGNORED = frozenset(
         "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
         "suppress_tokens", "begin_suppress_tokens", "torchscript", "output_scores",
         "return_dict_in_generate", "tf_legacy_loss", "use_bfloat16", "pruned_heads",
-        "chunk_size", "transformers_version",
+        "chunk_size",
     }
 )
 

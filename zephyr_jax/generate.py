@@ -90,6 +90,9 @@ def _filter_top_k_top_p(logits_BV: jax.Array, top_k: jax.Array, top_p_cut: jax.A
     return jnp.where((top_p_cut > 0) & remove_BV, -jnp.inf, logits_BV)
 
 
+_filter_jit = jax.jit(_filter_top_k_top_p)
+
+
 def top_k_top_p_filter(logits_BV: jax.Array, top_k: int | None = 50,
                        top_p: float | None = 0.95) -> jax.Array:
     """Filter logits [B, V] as HF's TopKLogitsWarper then TopPLogitsWarper do; removed -> -inf.
@@ -97,7 +100,7 @@ def top_k_top_p_filter(logits_BV: jax.Array, top_k: int | None = 50,
     `top_k` 0/None and `top_p` 1.0/None disable the respective filter.
     """
     s = _sampling(1.0, top_k, top_p)
-    return _filter_top_k_top_p(jnp.asarray(logits_BV, jnp.float32), s.top_k, s.top_p_cut)
+    return _filter_jit(np.asarray(logits_BV, np.float32), s.top_k, s.top_p_cut)
 
 
 def _next_token(logits_BV: jax.Array, key: jax.Array, s: _Sampling) -> jax.Array:

@@ -13,11 +13,12 @@ What "HF semantics" pins down, and where each piece lives:
 - clipping (`clip_by_global_norm_torch`): `torch.nn.utils.clip_grad_norm_`, i.e. scale by
   `min(1, max_norm / (norm + 1e-6))`, not optax's `max_norm / norm` (the 1e-6 differs).
 - AdamW (`make_optimizer`): `torch.optim.AdamW`: bias-corrected moments, eps added after the
-  square root of v_hat, decoupled decay `p -= lr * wd * p`, applied (as the HF Trainer does) to every
-  parameter except biases and norm weights (`hf_weight_decay_mask`).
+  square root of v_hat, decoupled decay `p -= lr * wd * p`, applied (as the HF Trainer does) to
+  every parameter except biases and norm weights (`hf_weight_decay_mask`). `scale_by_adam_torch`
+  replaces optax's scale_by_adam for precision (bias corrections) and optional bf16 moments.
 
 Example:
-    schedule = make_schedule("inverse_sqrt", 5e-6, warmup_steps=100, total_steps=709)
+    schedule = make_schedule("inverse_sqrt", 5e-6, warmup_steps=100, total_steps=num_steps)
     tx = make_optimizer(schedule, weight_decay=0.0, max_grad_norm=1.0)
     opt_state = tx.init(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -33,11 +34,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 SCHEDULER_TYPES = ("inverse_sqrt", "linear", "cosine", "constant", "constant_with_warmup")
 
-# HF Trainer.get_decay_parameter_names: parameters whose dotted name matches any of these get no decay.
+# HF Trainer.get_decay_parameter_names: parameters whose dotted name matches one get no decay.
 _NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 
 # torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6).
@@ -57,7 +59,7 @@ def make_schedule(
     """The learning rate for optimizer step `count` (0-based), equal to transformers' schedulers.
 
     Args:
-        lr_scheduler_type: one of `SCHEDULER_TYPES`, named as in `TrainingArguments.lr_scheduler_type`.
+        lr_scheduler_type: one of `SCHEDULER_TYPES` (names of `TrainingArguments.lr_scheduler_type`).
         learning_rate: peak learning rate (HF's optimizer `lr`).
         warmup_steps: linear warmup from 0 over this many steps (ignored by `constant`).
         total_steps: number of optimizer steps; used by `linear` and `cosine` only.
@@ -84,17 +86,22 @@ def make_schedule(
     warmup = int(warmup_steps)
     total = int(total_steps)
 
-    # Float32 has 24 bits, so each rounding costs up to 6e-8 relative. To stay within ~1e-7 of HF's
-    # float64 values, every constant below is folded in float64 and rounded once, step counts are
-    # combined as exact integers before the single int->float conversion, and each branch does
-    # at most two more correctly rounded operations.
-    warmup_per_step = lr / max(1, warmup)
-
-    def warmup_lr(step):
-        return jnp.float32(warmup_per_step) * step.astype(jnp.float32)
+    # Precision: a float32 result carries up to 6e-8 relative rounding, and each further float32
+    # operation adds as much, which would put formulas like lr * (1 + cos(pi * p)) / 2 at ~3e-7
+    # from HF's float64 values. So the warmup ramp and the linear / cosine decays are tables of
+    # HF's own float64 values rounded once to float32 (sizes warmup_steps and total_steps -
+    # warmup_steps + 1, a few KB for real runs), indexed by the traced step; the unbounded
+    # inverse-sqrt tail is one formula with two float32 roundings.
+    ramp = _f32_table([lr * (k / max(1, warmup)) for k in range(max(1, warmup))])
 
     def with_warmup(step, after_warmup):
-        return jnp.where(step < warmup, warmup_lr(step), after_warmup).astype(jnp.float32)
+        warm = ramp[jnp.clip(step, 0, ramp.shape[0] - 1)]
+        return jnp.where(step < warmup, warm, after_warmup).astype(jnp.float32)
+
+    def as_step(count):
+        return jnp.asarray(count, jnp.int32)
+
+    decay_len = max(1, total - warmup)  # HF's denominator max(1, total - warmup)
 
     if lr_scheduler_type == "constant":
 
@@ -104,45 +111,57 @@ def make_schedule(
     elif lr_scheduler_type == "constant_with_warmup":
 
         def schedule(count):
-            step = jnp.asarray(count, jnp.int32)
-            return with_warmup(step, jnp.float32(lr))
+            return with_warmup(as_step(count), jnp.float32(lr))
 
     elif lr_scheduler_type == "linear":
-        decay_per_step = lr / max(1, total - warmup)
+        # Entry j is step warmup + j; past the table's end HF's value is max(0, negative) = 0,
+        # which is also the last entry, so clipping the index continues the schedule exactly.
+        linear = _f32_table(
+            [lr * max(0.0, (total - (warmup + j)) / decay_len) for j in range(decay_len + 1)]
+        )
 
         def schedule(count):
-            step = jnp.asarray(count, jnp.int32)
-            remaining = jnp.maximum(total - step, 0).astype(jnp.float32)
-            return with_warmup(step, jnp.float32(decay_per_step) * remaining)
+            step = as_step(count)
+            return with_warmup(step, linear[jnp.clip(step - warmup, 0, decay_len)])
 
     elif lr_scheduler_type == "cosine":
-        # HF (num_cycles=0.5): 0.5 * (1 + cos(pi * p)), p = (step - warmup) / D. Written as
-        # sin(pi/2 * (1 - p))**2, which is the same function for every p (HF's curve rises again
-        # after total_steps; so does this), but keeps full relative precision near the end where
-        # 1 + cos(.) would cancel catastrophically in float32. 1 - p = (warmup + D - step) / D.
-        denom = max(1, total - warmup)
-        angle_per_step = math.pi / 2 / denom
+        # HF's num_cycles=0.5 curve 0.5 * (1 + cos(pi * j / D)) keeps going past total_steps: it is
+        # periodic in j with period 2D and symmetric about D, so a table over j in [0, D] covers
+        # every step, including HF's rise after total_steps.
+        cosine = _f32_table(
+            [
+                lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * (j / decay_len))))
+                for j in range(decay_len + 1)
+            ]
+        )
 
         def schedule(count):
-            step = jnp.asarray(count, jnp.int32)
-            angle = jnp.float32(angle_per_step) * (warmup + denom - step).astype(jnp.float32)
-            return with_warmup(step, jnp.float32(lr) * jnp.square(jnp.sin(angle)))
+            step = as_step(count)
+            j = jnp.mod(jnp.maximum(step - warmup, 0), 2 * decay_len)
+            return with_warmup(step, cosine[jnp.minimum(j, 2 * decay_len - j)])
 
     else:  # inverse_sqrt
         scale = int(timescale) if timescale is not None else (warmup or 10_000)
         if scale <= 0:
             raise ValueError(f"timescale must be positive, got {timescale}")
         shift = scale - warmup
-        # lr / sqrt((step + shift) / scale) == (lr * sqrt(scale)) / sqrt(step + shift).
-        lr_sqrt_scale = lr * math.sqrt(scale)
+        # HF: lr / sqrt((step + shift) / scale) == sqrt(lr**2 * scale / (step + shift)). The
+        # constant is folded in float64; sqrt halves the two earlier roundings, so <= 1.5 roundings
+        # (9e-8) in all. (XLA rewrites c / sqrt(x) as c * rsqrt(x), which measured 1.8e-7.)
+        lr2_scale = lr * lr * scale
 
         def schedule(count):
-            step = jnp.asarray(count, jnp.int32)
+            step = as_step(count)
             # The max only keeps the unselected branch finite during warmup (step + shift can be 0).
             shifted = jnp.maximum(step + shift, 1).astype(jnp.float32)
-            return with_warmup(step, jnp.float32(lr_sqrt_scale) / jnp.sqrt(shifted))
+            return with_warmup(step, jnp.sqrt(jnp.float32(lr2_scale) / shifted))
 
     return schedule
+
+
+def _f32_table(values: list[float]) -> jax.Array:
+    """float64 values rounded once (to nearest) to a float32 lookup table."""
+    return jnp.asarray(np.asarray(values, np.float64).astype(np.float32))
 
 
 # ----------------------------------------------------------------------------- transformations
@@ -171,48 +190,90 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
-def _stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: a bijection on uint32 with full avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _fmix32_int(h: int) -> int:
+    """`_fmix32` on a Python int, for constants folded before tracing."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _hash_bits(shape: tuple[int, ...], stream: jax.Array) -> jax.Array:
+    """Pseudo-random uint32 per element, a hash of (stream, element index).
+
+    Why not jax.random: threefry is ~20 rounds per element and compiles slowly (a 4-leaf
+    optimizer update took 6.5 s to compile with it, 1.5 s with this). Rounding dither only needs
+    decorrelated bits, and a hash of the index is cheap, elementwise (so it shards like the
+    moments themselves, no all-gather under FSDP) and a pure function of (stream, index).
+    """
+    h = jnp.broadcast_to(stream.astype(jnp.uint32), shape)
+    for axis in range(len(shape)):
+        index = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+        h = _fmix32((h * jnp.uint32(0x9E3779B1)) ^ index)
+    return _fmix32(h)
+
+
+def _stochastic_round_bf16(x: jax.Array, stream: jax.Array) -> jax.Array:
     """Round float32 `x` to bfloat16 up or down with probability proportional to the distance.
 
     bfloat16 is the top 16 bits of a float32, so adding 16 uniform random bits below the cut and
     truncating rounds the magnitude up with exactly the right probability (unbiased in expectation).
+    `stream` (uint32) selects the random bits; equal streams give equal rounding.
     """
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        return x.astype(dtype)
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    noise = jax.random.bits(key, x.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+    noise = _hash_bits(x.shape, stream) & jnp.uint32(0xFFFF)
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
 
 
-def scale_by_adam_low_precision(
+def scale_by_adam_torch(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    moment_dtype=jnp.bfloat16,
+    moment_dtype=None,
     stochastic_rounding: bool = True,
     seed: int = 0,
 ) -> optax.GradientTransformation:
-    """`optax.scale_by_adam` with both moments stored in `moment_dtype`, arithmetic in float32.
+    """`optax.scale_by_adam` computed in float32 with torch's precision, moments in any dtype.
 
-    Each step upcasts mu and nu to float32, updates them and computes the Adam direction from the
-    float32 values, then stores them back in `moment_dtype`. The state is an
-    `optax.ScaleByAdamState(count, mu, nu)`, the same pytree as optax's, so checkpoints and
-    sharding rules treat both alike.
+    Two differences from optax, both about precision, not semantics:
 
-    Why stochastic rounding: with b2 = 0.999 the second moment changes by ~0.1% per step, below
-    bfloat16's 0.4% resolution, so round-to-nearest never lets nu decay (0.999 * nu rounds back to
-    nu): it only ratchets up, and steps shrink for the rest of the run. Stochastic rounding is
-    unbiased, so nu decays at the right rate on average. The random bits come from
-    `fold_in(seed, count, leaf index)`, so no key is carried in the state and a resumed run rounds
-    as the original would have. `stochastic_rounding=False` gives plain round-to-nearest (what
-    `optax.adamw(mu_dtype=...)` does for mu).
+    - Bias corrections `1 - b**t` are computed as `-expm1(t * log(b))`. optax computes
+      `1 - float32(0.999)**t`, which cancels catastrophically: at t=1 it is 1.3e-5 off, so every
+      early update was ~6e-6 (relative) away from torch's (whose corrections are float64).
+    - The moments are stored in `moment_dtype` (None: the parameters' dtype, as in optax) while all
+      arithmetic is float32: mu and nu are upcast, updated, used for the Adam direction, and only
+      then cast back for storage.
+
+    bfloat16 moments (the 141B run's memory option) are stored with stochastic rounding by
+    default. With b2 = 0.999 the second moment changes by ~0.1% a step, below bfloat16's 0.4%
+    resolution, so round-to-nearest never lets nu decay (0.999 * nu rounds back to nu): it could
+    only ratchet up, and steps would shrink for the rest of the run. Stochastic rounding is
+    unbiased, so nu decays at the right rate on average (mu gets the same treatment). The random
+    bits are a hash of (seed, count, leaf, element index) (`_hash_bits`): no key in the state,
+    and a resumed run rounds as the original would have. `stochastic_rounding=False` rounds to
+    nearest (what `optax.adamw(mu_dtype=...)` does for mu).
+
+    The state is an `optax.ScaleByAdamState(count, mu, nu)`, the same pytree as optax's.
     """
-    moment_dtype = jnp.dtype(moment_dtype)
-    base_key = jax.random.key(seed)
+    log_b1, log_b2 = math.log(b1), math.log(b2)
+    seed_u32 = np.uint32(_fmix32_int(seed & 0xFFFFFFFF))
 
     def init_fn(params):
-        zeros = lambda p: jnp.zeros(jnp.shape(p), moment_dtype)
+        def zeros(p):
+            dtype = jnp.result_type(p) if moment_dtype is None else moment_dtype
+            return jnp.zeros(jnp.shape(p), dtype)
+
         return optax.ScaleByAdamState(
             count=jnp.zeros([], jnp.int32),
             mu=jax.tree.map(zeros, params),
@@ -222,10 +283,10 @@ def scale_by_adam_low_precision(
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        # Bias corrections in float32, like optax (torch uses float64: differences ~1e-7 relative).
-        bc1 = 1 - jnp.float32(b1) ** count.astype(jnp.float32)
-        bc2 = 1 - jnp.float32(b2) ** count.astype(jnp.float32)
-        step_key = jax.random.fold_in(base_key, count)
+        t = count.astype(jnp.float32)
+        bc1 = -jnp.expm1(t * jnp.float32(log_b1))
+        bc2 = -jnp.expm1(t * jnp.float32(log_b2))
+        step_stream = _fmix32(jnp.uint32(seed_u32) ^ count.astype(jnp.uint32))
 
         g_leaves, treedef = jax.tree.flatten(updates)
         mu_leaves = treedef.flatten_up_to(state.mu)
@@ -235,18 +296,26 @@ def scale_by_adam_low_precision(
             g32 = g.astype(jnp.float32)
             mu32 = b1 * mu.astype(jnp.float32) + (1 - b1) * g32
             nu32 = b2 * nu.astype(jnp.float32) + (1 - b2) * jnp.square(g32)
-            out_u.append(((mu32 / bc1) / (jnp.sqrt(nu32 / bc2) + eps)).astype(g.dtype))
-            if stochastic_rounding:
-                k_mu, k_nu = jax.random.split(jax.random.fold_in(step_key, i))
-                out_mu.append(_stochastic_round(mu32, moment_dtype, k_mu))
-                out_nu.append(_stochastic_round(nu32, moment_dtype, k_nu))
-            else:
-                out_mu.append(mu32.astype(moment_dtype))
-                out_nu.append(nu32.astype(moment_dtype))
-        unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)
-        return unflat(out_u), optax.ScaleByAdamState(count=count, mu=unflat(out_mu), nu=unflat(out_nu))
+            # torch: (lr / bc1) * mu / (sqrt(nu) / sqrt(bc2) + eps); eps outside the sqrt.
+            out_u.append(((mu32 / bc1) / (jnp.sqrt(nu32) / jnp.sqrt(bc2) + eps)).astype(g.dtype))
+            leaf_stream = _fmix32(step_stream + jnp.uint32(2 * i))
+            out_mu.append(_store(mu32, mu.dtype, stochastic_rounding, leaf_stream))
+            out_nu.append(_store(nu32, nu.dtype, stochastic_rounding, _fmix32(leaf_stream + 1)))
+
+        def unflat(leaves):
+            return jax.tree.unflatten(treedef, leaves)
+
+        return unflat(out_u), optax.ScaleByAdamState(
+            count=count, mu=unflat(out_mu), nu=unflat(out_nu)
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _store(x32: jax.Array, dtype, stochastic: bool, stream: jax.Array) -> jax.Array:
+    if stochastic and jnp.dtype(dtype) == jnp.bfloat16:
+        return _stochastic_round_bf16(x32, stream)
+    return x32.astype(dtype)
 
 
 def hf_weight_decay_mask(params: Any) -> Any:
@@ -290,34 +359,31 @@ def make_optimizer(
         b1, b2, eps: Adam betas and epsilon (eps added after sqrt of the bias-corrected v).
         weight_decay: decoupled weight decay; 0.0 in the Zephyr recipe.
         max_grad_norm: clip the global gradient norm to this (torch formula); <= 0 disables.
-        moment_dtype: None keeps optax's behaviour (moments in the parameters' dtype: keep float32
-            master parameters for a float32 Adam); `jnp.bfloat16` stores both moments in bf16 and
-            computes in float32 (`scale_by_adam_low_precision`), halving optimizer memory
-            (for the 141B model: 1.13 TB -> 0.56 TB of moments across the mesh).
+        moment_dtype: storage dtype of Adam's mu and nu; None means the parameters' dtype, as in
+            optax (so float32 master parameters give a float32 Adam). `jnp.bfloat16` halves
+            optimizer memory (141B model: 1.13 TB -> 0.56 TB of moments across the mesh); the
+            arithmetic is float32 either way (`scale_by_adam_torch`).
         weight_decay_mask: which leaves decay (pytree of bools or callable); default follows the
             HF Trainer (no decay on biases and norm weights); None decays everything.
             Only used when `weight_decay != 0`, so with no decay the state has no mask wrapper.
         stochastic_rounding, rounding_seed: how bf16 moments are rounded (see
-            `scale_by_adam_low_precision`); ignored for float32 moments.
+            `scale_by_adam_torch`); ignored for other moment dtypes.
 
     Returns:
-        `chain(clip or identity, adamw)`; the AdamW part's state has optax.adamw's structure
-        `(ScaleByAdamState, add_decayed_weights state, ScaleByScheduleState)`.
+        `chain(clip or identity, adamw)`, where adamw is optax.adamw's chain
+        `(scale_by_adam_torch, add_decayed_weights, scale_by_learning_rate)`, so the state is
+        `(EmptyState, (ScaleByAdamState, decay state, ScaleByScheduleState))`.
     """
     mask = weight_decay_mask if weight_decay else None
-    if moment_dtype is None:
-        adamw = optax.adamw(
-            learning_rate_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask
-        )
-    else:
-        # Same chain as optax.adamw, with the low-precision Adam in place of scale_by_adam.
-        adamw = optax.chain(
-            scale_by_adam_low_precision(
-                b1, b2, eps, moment_dtype, stochastic_rounding=stochastic_rounding, seed=rounding_seed
-            ),
-            optax.add_decayed_weights(weight_decay, mask),
-            optax.scale_by_learning_rate(learning_rate_schedule),
-        )
+    # optax.adamw's own chain, with scale_by_adam_torch in place of optax.scale_by_adam.
+    adamw = optax.chain(
+        scale_by_adam_torch(
+            b1, b2, eps, moment_dtype, stochastic_rounding=stochastic_rounding, seed=rounding_seed
+        ),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate_schedule),
+    )
     # identity() in place of the clip keeps the state's structure independent of max_grad_norm.
-    clip = clip_by_global_norm_torch(max_grad_norm) if max_grad_norm and max_grad_norm > 0 else optax.identity()
+    use_clip = max_grad_norm is not None and max_grad_norm > 0
+    clip = clip_by_global_norm_torch(max_grad_norm) if use_clip else optax.identity()
     return optax.chain(clip, adamw)

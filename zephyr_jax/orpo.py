@@ -253,7 +253,9 @@ def orpo_loss_from_hidden(
 
     `hidden_BTD` is the final (normed) hidden state of the 2B sequences `concat_pairs(batch)`
     (chosen rows first), `head_DV` the LM head. Other arguments as in `orpo_loss`; `chunk_size`
-    is the sequence length of each logits chunk (peak extra memory ~ 2B * chunk_size * V floats).
+    is the sequence length of each logits chunk. Peak temporary memory of value-and-grad is about
+    three float32 chunks, 3 * 2B * chunk_size * V * 4 bytes (XLA CPU, B=1, T=2048, V=32000,
+    chunk 512: 384 MiB, against 2 GiB for the plain path).
     """
     input_ids_2BT, attention_mask_2BT, labels_2BT = concat_pairs(batch)
     B2, T = labels_2BT.shape

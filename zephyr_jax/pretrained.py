@@ -1,21 +1,66 @@
-"""`from_pretrained`: build a ready Mixtral from a Hugging Face folder."""
+"""`from_pretrained` / `save_pretrained`: a ready Mixtral from, or to, either checkpoint format.
+
+Formats: a HF folder (config.json + safetensors, per-expert or fused experts), a zephyr_jax model
+checkpoint (config.json + orbax params/, see `zephyr_jax.model_checkpoint`), or a trainer
+output_dir (its latest step's params).
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from zephyr_jax import model_checkpoint as mc
 from zephyr_jax.config import MixtralConfig
 from zephyr_jax.hf_io.load import load_hf_params
-from zephyr_jax.model import Mixtral, model_from_params
+from zephyr_jax.hf_io.streaming import save_hf
+from zephyr_jax.model import Mixtral, model_from_params, params_dict
+
+FORMATS = ("hf", "orbax")
 
 
 def from_pretrained(path: str | os.PathLike, **runtime: Any) -> Mixtral:
-    """Load a Mixtral from an HF folder (config.json + safetensors, per-expert or fused experts).
+    """Load a Mixtral from a HF folder, a model checkpoint or a trainer output_dir.
 
-    `runtime` sets our runtime fields, e.g. `dtype="bfloat16", moe_impl="dense"`.
+    `runtime` sets our runtime fields, e.g. `dtype="bfloat16", moe_impl="dense"`. Parameters take
+    `param_dtype` (float32 unless given; orbax checkpoints are cast while restoring).
     """
     path = os.fspath(path)
+    if os.path.isdir(path) and not _has_hf_weights(path):
+        runtime.setdefault("param_dtype", "float32")
+        cfg, params = mc.load_model_checkpoint(path, dtype=runtime["param_dtype"], **runtime)
+        return model_from_params(cfg, params)
     cfg = MixtralConfig.from_hf(path, **runtime)
     cfg, params = load_hf_params(path, cfg)
     return model_from_params(cfg, params)
+
+
+def _has_hf_weights(path: str) -> bool:
+    """A HF folder: safetensors (or pickles, which the HF loader refuses with a clear message)."""
+    return any(f.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth"))
+               for f in os.listdir(path))
+
+
+def save_pretrained(model_or_params: Mixtral | dict, path: str | os.PathLike,
+                    config: MixtralConfig | None = None, format: str = "hf", **kwargs: Any) -> None:
+    """Save a model (or our params dict plus its `config`) as a HF folder or a model checkpoint.
+
+    format="hf": kwargs of `zephyr_jax.hf_io.streaming.write_hf` (max_shard_size="5GB",
+        fused_experts=False, dtype=None, tokenizer=None, overwrite=False).
+    format="orbax": kwargs of `save_model_checkpoint` (tokenizer=None, overwrite=False).
+    tokenizer: a transformers tokenizer or a folder of tokenizer files, saved alongside.
+    The folder appears only when complete; an existing non-empty one needs overwrite=True.
+    """
+    if isinstance(model_or_params, Mixtral):
+        params = params_dict(model_or_params)
+        config = config or model_or_params.config
+    else:
+        params = model_or_params
+        if config is None:
+            raise ValueError("save_pretrained(params, ...) needs config=MixtralConfig(...)")
+    if format == "hf":
+        save_hf(params, config, path, **kwargs)
+    elif format == "orbax":
+        mc.save_model_checkpoint(path, config, params, **kwargs)
+    else:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")

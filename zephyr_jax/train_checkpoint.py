@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from zephyr_jax.model_checkpoint import params_save_args
 from zephyr_jax.train_step import TrainState
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -37,7 +38,8 @@ class TrainCheckpointer:
         if step in self.manager.all_steps():
             return step
         self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
+            # one chunk per layer (and expert) on disk, so the converter streams trainer checkpoints too
+            params=ocp.args.StandardSave(state.params, save_args=params_save_args(state.params)),
             opt_state=ocp.args.StandardSave(state.opt_state),
             meta=ocp.args.JsonSave(meta),
         ), force=True)

@@ -42,6 +42,9 @@ class TrainConfig:
     max_bad_row_fraction: float = 0.05
     # --- ORPO ---
     beta: float = 0.05
+    # TRL takes the NLL's token mean per device batch; with 1 pair per device (the seed run) that
+    # is a mean over sequences of each sequence's token mean: "sequences" reproduces it.
+    nll_reduction: str = "tokens"
     # --- optimization ---
     optim: str = "adamw"
     learning_rate: float = 5e-6
@@ -98,6 +101,8 @@ class TrainConfig:
              f"must be > 0 and < max_length={self.max_length}")
         need(0 <= self.max_bad_row_fraction <= 1, "max_bad_row_fraction", "must be in [0, 1]")
         need(self.beta > 0, "beta", "must be > 0")
+        need(self.nll_reduction in ("tokens", "sequences"), "nll_reduction",
+             "must be tokens or sequences")
         need(self.optim in OPTIMS, "optim", f"must be one of {OPTIMS}")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type", f"must be one of {SCHEDULERS}")

@@ -15,6 +15,7 @@ from flax import struct
 
 from zephyr_jax.config import MixtralConfig
 from zephyr_jax.model import model_from_params
+from zephyr_jax.optim import global_norm
 from zephyr_jax.orpo import concat_pairs, orpo_loss_from_hidden
 
 
@@ -29,7 +30,8 @@ def create_train_state(params: dict, tx: optax.GradientTransformation) -> TrainS
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def loss_and_metrics(params: dict, batch: dict, model_cfg: MixtralConfig, beta: float, chunk_size: int):
+def loss_and_metrics(params: dict, batch: dict, model_cfg: MixtralConfig, beta: float, chunk_size: int,
+                     nll_reduction: str = "tokens"):
     """ORPO loss of one forward over [chosen; rejected], TRL's metrics, and router statistics."""
     model = model_from_params(model_cfg, params)
     ids_2BT, mask_2BT, _ = concat_pairs(batch)
@@ -37,7 +39,8 @@ def loss_and_metrics(params: dict, batch: dict, model_cfg: MixtralConfig, beta: 
     aux = stats.aux_loss if model_cfg.output_router_logits else None
     loss, metrics = orpo_loss_from_hidden(
         hidden_2BTD, model.head_DV(), batch, beta, aux_loss=aux,
-        router_aux_loss_coef=model_cfg.router_aux_loss_coef, chunk_size=chunk_size)
+        router_aux_loss_coef=model_cfg.router_aux_loss_coef, chunk_size=chunk_size,
+        nll_reduction=nll_reduction)
     counts_LE = stats.expert_counts_LE
     router = {
         "router/aux_loss": stats.aux_loss,
@@ -50,7 +53,8 @@ def loss_and_metrics(params: dict, batch: dict, model_cfg: MixtralConfig, beta: 
 
 
 def make_train_step(model_cfg: MixtralConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, beta: float, chunk_size: int) -> Callable:
+                    schedule: optax.Schedule, beta: float, chunk_size: int,
+                    nll_reduction: str = "tokens") -> Callable:
     """A pure `(state, batch[A, b, T]) -> (state, metrics)`; jit it with the state donated.
 
     A step whose loss or gradient norm is not finite is not applied (the state passes through
@@ -62,7 +66,7 @@ def make_train_step(model_cfg: MixtralConfig, tx: optax.GradientTransformation,
         acc_dtype = jnp.float32  # accumulate bf16 gradients in float32
 
         def micro(grads_acc, mb):
-            (loss, metrics), grads = grad_fn(state.params, mb, model_cfg, beta, chunk_size)
+            (loss, metrics), grads = grad_fn(state.params, mb, model_cfg, beta, chunk_size, nll_reduction)
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grads_acc, grads)
             return grads_acc, {"loss": loss, **metrics}
 
@@ -72,7 +76,7 @@ def make_train_step(model_cfg: MixtralConfig, tx: optax.GradientTransformation,
         grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, state.params)
         metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_micro)
         metrics["num_tokens"] = jnp.sum(per_micro["num_tokens"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state)
@@ -85,11 +89,12 @@ def make_train_step(model_cfg: MixtralConfig, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(model_cfg: MixtralConfig, beta: float, chunk_size: int) -> Callable:
+def make_eval_step(model_cfg: MixtralConfig, beta: float, chunk_size: int,
+                   nll_reduction: str = "tokens") -> Callable:
     """A pure `(params, batch[b, T]) -> metrics` (loss included)."""
 
     def eval_step(params: dict, batch: dict):
-        loss, metrics = loss_and_metrics(params, batch, model_cfg, beta, chunk_size)
+        loss, metrics = loss_and_metrics(params, batch, model_cfg, beta, chunk_size, nll_reduction)
         return {"loss": loss, **metrics}
 
     return eval_step

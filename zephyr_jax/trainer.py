@@ -69,18 +69,6 @@ def _mean_window(window: list[dict]) -> dict:
     return out
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """A resumed run re-logs the steps after its checkpoint: drop what a killed run wrote past it."""
-    if not os.path.exists(path):
-        return
-    with open(path) as fh:
-        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.writelines(keep)
-    os.replace(tmp, path)
-
-
 class _StopFlag:
     """SIGTERM / SIGINT request a checkpoint and a clean exit at the next step boundary."""
 
@@ -139,10 +127,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     schedule = make_schedule(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_steps, total_steps)
     tx = make_optimizer(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                        moment_dtype=None if cfg.optimizer_moment_dtype == "float32" else jnp.bfloat16)
-    train_step = jax.jit(make_train_step(model_cfg, tx, schedule, cfg.beta, cfg.loss_chunk_size),
+                        moment_dtype=jnp.dtype(cfg.optimizer_moment_dtype))
+    train_step = jax.jit(make_train_step(model_cfg, tx, schedule, cfg.beta, cfg.loss_chunk_size,
+                                         cfg.nll_reduction),
                          donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model_cfg, cfg.beta, cfg.loss_chunk_size))
+    eval_step = jax.jit(make_eval_step(model_cfg, cfg.beta, cfg.loss_chunk_size, cfg.nll_reduction))
 
     ckpt = TrainCheckpointer(cfg.output_dir, cfg.save_total_limit)
     state = create_train_state(params, tx)
@@ -154,13 +143,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         print(f"[train] resumed from {ckpt.directory}/{resumed}", flush=True)
     if process_index == 0:
         _write_run_files(cfg, model_cfg)
-        _truncate_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"), int(state.step))
 
     def save_meta() -> dict:
         return {"step": int(state.step), "data_state": loader.get_state(), "config": cfg.to_dict(),
                 "model_config": model_cfg.to_hf()}
 
-    logger = RunLogger(cfg.output_dir, report_to=cfg.report_to, logging_steps=cfg.logging_steps)
+    # resume_step drops what a killed run logged past its checkpoint, so the log has no duplicates
+    logger = RunLogger(cfg.output_dir, report_to=cfg.report_to, logging_steps=cfg.logging_steps,
+                       resume_step=int(state.step) if resumed is not None else None)
     # HF: eval_steps defaults to logging_steps
     eval_every = (cfg.eval_steps or cfg.logging_steps) if cfg.eval_strategy == "steps" else None
     step, window, last_logged = int(state.step), [], {}

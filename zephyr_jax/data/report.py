@@ -1,21 +1,29 @@
-"""What data preparation kept, skipped and why: one `DataReport` per split."""
+"""What data preparation kept, skipped and why: one `DataReport` per split, and the errors."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
 
+THRESHOLD_KEY = "max_bad_row_fraction"
+"""The training config key that sets how many invalid rows are tolerated."""
 
-class DataQualityError(ValueError):
-    """Too many rows were invalid; the message names the counts and the threshold to raise."""
+
+class DataError(ValueError):
+    """Data that cannot be used as given; the message says what to change."""
+
+
+class DataQualityError(DataError):
+    """Too many rows were invalid; the message names the counts and the threshold key."""
 
 
 @dataclasses.dataclass
 class DataReport:
-    """Counts by reason. `invalid` rows were malformed (they count against `max_bad_fraction`);
+    """Counts by reason. `invalid` rows were malformed (they count against the threshold);
     `dropped` rows were valid but filtered as the handbook did (prompt too long); `truncated`
     counts kept rows that TRL's truncation shortened."""
 
+    source: str = "data"
     rows: int = 0
     kept: int = 0
     invalid: Counter = dataclasses.field(default_factory=Counter)
@@ -34,25 +42,28 @@ class DataReport:
     def invalid_fraction(self) -> float:
         return self.num_invalid / self.rows if self.rows else 0.0
 
-    def check(self, max_bad_fraction: float, name: str = "data") -> None:
+    def check(self, max_bad_fraction: float) -> None:
         """Raises `DataQualityError` when more than `max_bad_fraction` of the rows were invalid."""
         if self.invalid_fraction > max_bad_fraction:
-            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.invalid.items()))
             raise DataQualityError(
-                f"{name}: {self.num_invalid} of {self.rows} rows invalid "
-                f"({self.invalid_fraction:.1%} > max_bad_fraction={max_bad_fraction}): {reasons}. "
-                "Fix the data or raise `max_bad_fraction`."
-            )
+                f"{self.source}: {self.num_invalid} of {self.rows} rows are invalid "
+                f"({self.invalid_fraction:.1%} > {THRESHOLD_KEY}={max_bad_fraction}): "
+                f"{_counts(self.invalid)}. Fix the data or raise {THRESHOLD_KEY}.")
 
-    def summary(self, name: str = "data") -> str:
-        lines = [f"{name}: {self.rows} rows -> {self.kept} examples"]
+    def summary(self) -> str:
+        """One line: rows in, examples out, and the counts by reason."""
+        parts = [f"{self.rows} rows -> {self.kept} examples"]
         for title, counts in (("invalid", self.invalid), ("dropped", self.dropped),
                               ("truncated", self.truncated)):
             if counts:
-                detail = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-                lines.append(f"  {title}: {sum(counts.values())} ({detail})")
-        return "\n".join(lines)
+                parts.append(f"{title} {sum(counts.values())} ({_counts(counts)})")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "kept": self.kept, "invalid": dict(self.invalid),
-                "dropped": dict(self.dropped), "truncated": dict(self.truncated)}
+        return {"source": self.source, "rows": self.rows, "kept": self.kept,
+                "invalid": dict(self.invalid), "dropped": dict(self.dropped),
+                "truncated": dict(self.truncated)}
+
+
+def _counts(counts: Counter) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))

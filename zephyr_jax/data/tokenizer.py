@@ -9,6 +9,12 @@ Hub id. Either way the handbook's `get_tokenizer` choices are applied:
   never reach the loss: ORPO masks pads out of the NLL by the attention mask and out of the
   log-probs by labels = -100 (TRL's `label_pad_token_id`), so the choice only fixes what the
   model reads at right-padded positions, which causal attention hides from real tokens.
+
+The shipped tokenizer is "legacy" Llama tokenization, like the 2024 Hub `tokenizer.json` of
+Mixtral-8x22B: each stretch of text between special tokens gets SentencePiece's dummy prefix, so
+`</s>\n` is `</s> ▁ \n` (2, 28705, 13), and ids equal SentencePiece's on each stretch. Known
+divergence from SentencePiece: runs of 2+ spaces (and a stretch that starts with a space) can
+split differently; the chat template itself produces none.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ def load_tokenizer(path: str | None = None, chat_template: str | None = None) ->
         raise TypeError(f"{path!r} loaded a {type(tokenizer).__name__}, not a fast tokenizer")
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {path!r} needs bos and eos tokens (TRL's ORPO adds both)")
+    if getattr(tokenizer, "legacy", None) is not None:
+        # transformers 5 rebuilds Llama-type pipelines from this flag on every load but does not
+        # save it; keep it so a saved copy (e.g. next to a checkpoint) tokenizes the same.
+        tokenizer.init_kwargs["legacy"] = tokenizer.legacy
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE if chat_template is None else chat_template

@@ -7,15 +7,25 @@ One narrow interface, several implementations chosen by `MixtralConfig.moe_impl`
 
 `dropped` counts (token, expert) assignments that were not computed: always 0 for the dropless
 implementations ("dense", "ragged"). Weights are combined in float32, as HF does.
+
+Expert ids >= E mean "no expert" (padding): "dense" and "ragged" give such rows zero output, which
+the expert-parallel path relies on for the empty slots of its exchange buffers.
+
+`get_dispatch(name)` is mesh-aware: traced under a mesh whose expert axis is split (see
+`zephyr_jax.sharding.use_mesh`), it runs the expert-parallel version (`expert_parallel.py`), which
+routes tokens to the devices holding their experts and uses these local implementations there.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from zephyr_jax import sharding
 
 DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -36,7 +46,11 @@ def dense(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=No
 
 
 def _sort_by_expert(expert_NK: jax.Array, E: int):
-    """Order the N*K (token, slot) assignments by expert; returns (order_M, token_M, group_sizes_E)."""
+    """Order the N*K (token, slot) assignments by expert; returns (order_M, token_M, group_sizes_E).
+
+    Ids >= E ("no expert") sort last and are left out of group_sizes_E (bincount drops them), so
+    `ragged_dot` gives their rows zeros.
+    """
     N, K = expert_NK.shape
     flat_M = expert_NK.reshape(-1)
     order_M = jnp.argsort(flat_M, stable=True)
@@ -93,7 +107,21 @@ DISPATCH: dict[str, DispatchFn] = {"dense": dense, "ragged": ragged, "capacity":
 
 
 def get_dispatch(name: str) -> DispatchFn:
+    """The `name` implementation, run expert-parallel when traced under an expert-split mesh."""
     try:
-        return DISPATCH[name]
+        local = DISPATCH[name]
     except KeyError:
         raise ValueError(f"unknown moe_impl {name!r}; have {sorted(DISPATCH)}") from None
+
+    @functools.wraps(local)
+    def dispatch(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=1.25):
+        # decided at trace time: the ambient mesh is part of jit's cache key
+        plan = sharding.expert_parallel_plan()
+        if plan is None:
+            return local(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor)
+        from zephyr_jax.model.expert_parallel import expert_parallel  # it imports this module
+
+        return expert_parallel(name, plan, x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD,
+                               capacity_factor)
+
+    return dispatch

@@ -1,0 +1,156 @@
+"""Finding preference data: Hub datasets, local files and folders, and the handbook's mixer.
+
+A spec is one of:
+- a local `.jsonl` / `.json` / `.parquet` file (the whole file is the split);
+- a folder written by `datasets.save_to_disk` (a `DatasetDict` is indexed by split), or a folder
+  holding one such folder per split (the handbook's `load_from_disk(os.path.join(ds, split))`);
+- a folder holding `{split}.jsonl` (or `.json` / `.parquet`), like `SAMPLE_DATA`;
+- `"sample"` (when no such local path exists): the shipped `SAMPLE_DATA`;
+- otherwise a Hugging Face Hub dataset id, loaded with `datasets.load_dataset(spec, split=...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import datasets
+
+from zephyr_jax.data.paths import SAMPLE_DATA
+from zephyr_jax.data.report import DataError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+HANDBOOK_SEED = 42  # alignment-handbook's `mix_datasets` shuffles with seed 42
+HANDBOOK_COLUMNS = ("prompt", "chosen", "rejected")  # run_orpo.py's `columns_to_keep`
+SAMPLE_ALIAS = "sample"  # names the shipped sample set in configs
+
+
+class DatasetLoadError(DataError):
+    """A spec that names no readable dataset; the message says what was tried."""
+
+
+def _read_json_rows(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        rows = json.load(f)
+    if isinstance(rows, Mapping):  # {"data": [...]} or column-oriented {"col": [...]}
+        rows = rows["data"] if "data" in rows else [dict(zip(rows, v, strict=True))
+                                                    for v in zip(*rows.values(), strict=True)]
+    return rows
+
+
+def _load_file(path: str) -> datasets.Dataset:
+    if path.endswith(".parquet"):
+        return datasets.Dataset.from_parquet(path)
+    # Read JSON ourselves: no Arrow cache written next to the user's data, nested lists kept.
+    return datasets.Dataset.from_list(_read_json_rows(path))
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(
+        os.path.join(path, "state.json"))
+
+
+def _load_folder(path: str, split: str) -> datasets.Dataset:
+    if _is_saved_dataset(path):
+        loaded = datasets.load_from_disk(path)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DatasetLoadError(f"{path} has splits {list(loaded)}, not {split!r}")
+            return loaded[split]
+        return loaded
+    split_dir = os.path.join(path, split)
+    if os.path.isdir(split_dir) and _is_saved_dataset(split_dir):
+        return datasets.load_from_disk(split_dir)
+    for suffix in FILE_SUFFIXES:
+        candidate = os.path.join(path, split + suffix)
+        if os.path.isfile(candidate):
+            return _load_file(candidate)
+    raise DatasetLoadError(
+        f"{path} is a folder but holds no save_to_disk dataset, no {split}/ dataset and no "
+        f"{split}{{{','.join(FILE_SUFFIXES)}}} file")
+
+
+def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset:
+    """Loads one split of a preference dataset from a local file or folder, or the Hub (see the
+    module docstring for the forms of `spec`)."""
+    spec = os.fspath(spec)
+    if spec == SAMPLE_ALIAS and not os.path.exists(spec):
+        spec = SAMPLE_DATA
+    if os.path.isfile(spec):
+        if not spec.endswith(FILE_SUFFIXES):
+            raise DatasetLoadError(f"{spec}: expected a {'/'.join(FILE_SUFFIXES)} file")
+        return _load_file(spec)
+    if os.path.isdir(spec):
+        return _load_folder(spec, split)
+    if spec.endswith(FILE_SUFFIXES) or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        # A path, not a Hub id ("name" or "org/name"): do not ask the Hub about it.
+        raise DatasetLoadError(f"{spec}: no such file or folder")
+    try:
+        return datasets.load_dataset(spec, split=split)
+    except Exception as e:  # offline: ConnectionError, LocalEntryNotFoundError, OSError, ...
+        raise DatasetLoadError(
+            f"could not load {spec!r} (split {split!r}) from the Hugging Face Hub: "
+            f"{type(e).__name__}: {e}. Offline? Pass a local .jsonl/.json/.parquet file, a "
+            f"save_to_disk folder or a folder with {split}.jsonl (e.g. zephyr_jax.data.SAMPLE_DATA)."
+        ) from e
+
+
+def _check_mixer(dataset_mixer: Mapping[str, float], splits: Sequence[str]) -> None:
+    if not dataset_mixer:
+        raise DataError("dataset_mixer is empty")
+    for spec, frac in dataset_mixer.items():
+        if not 0 <= frac <= 1:
+            raise DataError(f"dataset_mixer[{spec!r}] = {frac}: fractions must be in [0, 1]")
+    for split in splits:
+        if "train" not in split and "test" not in split:
+            raise DataError(f"split {split!r} is neither a train nor a test split")
+
+
+def _mix(dataset_mixer, splits, columns_to_keep, shuffle, seed) -> datasets.Dataset:
+    parts = []
+    for spec, frac in dataset_mixer.items():
+        for split in splits:
+            ds = load_preference_dataset(spec, split)
+            ds = ds.remove_columns([c for c in ds.column_names if c not in columns_to_keep])
+            # Train splits are subsampled; test splits are kept whole (fair comparison).
+            parts.append(ds.select(range(int(frac * len(ds)))) if "train" in split else ds)
+    mixed = datasets.concatenate_datasets(parts)
+    return mixed.shuffle(seed=seed) if shuffle else mixed
+
+
+def load_mixture(
+    dataset_mixer: Mapping[str, float],
+    split: str = "train",
+    *,
+    columns_to_keep: Sequence[str] = HANDBOOK_COLUMNS,
+    shuffle: bool = True,
+    seed: int = HANDBOOK_SEED,
+) -> datasets.Dataset:
+    """One split of the handbook's `dataset_mixer` (`{spec: fraction}`): each dataset's split
+    keeps `columns_to_keep`; a train split (name contains "train") keeps its first
+    `int(fraction * len)` rows, a test split all rows; concatenated in mixer order, then shuffled
+    with `seed` (42 in the handbook: `datasets.Dataset.shuffle(seed=42)`)."""
+    _check_mixer(dataset_mixer, [split])
+    return _mix(dataset_mixer, [split], columns_to_keep, shuffle, seed)
+
+
+def mix_datasets(
+    dataset_mixer: Mapping[str, float],
+    splits: Sequence[str] = ("train",),
+    *,
+    columns_to_keep: Sequence[str] = HANDBOOK_COLUMNS,
+    shuffle: bool = True,
+    seed: int = HANDBOOK_SEED,
+) -> dict[str, datasets.Dataset]:
+    """The handbook's `mix_datasets(dataset_mixer, splits)`: {"train": ..., "test": ...}, all
+    splits of a kind concatenated (dataset by dataset) before the shuffle (see `load_mixture`)."""
+    _check_mixer(dataset_mixer, splits)
+    out = {}
+    for kind in ("train", "test"):
+        of_kind = [s for s in splits if kind in s and (kind == "train" or "train" not in s)]
+        if of_kind:
+            out[kind] = _mix(dataset_mixer, of_kind, columns_to_keep, shuffle, seed)
+    return out
