@@ -503,3 +503,49 @@ def expert_parallel_plan() -> ExpertParallelPlan | None:
     tokens = batch_axes(mesh, rules)
     tokens = tokens + tuple(a for a in e_axes if a not in tokens)
     return ExpertParallelPlan(mesh, e_axes, tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state: parameters as a plain dict, optimizer state mirroring them
+# ----------------------------------------------------------------------------------------------
+
+
+def params_dict_shardings(model_cfg, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
+    """NamedShardings shaped like `zephyr_jax.model.params_dict` (no weights allocated)."""
+    from zephyr_jax.model import Mixtral
+
+    abstract = nnx.eval_shape(lambda: Mixtral(model_cfg, rngs=nnx.Rngs(0)))
+    return param_shardings(abstract, mesh, rules).to_pure_dict()
+
+
+def mirror_shardings(tree, params_shardings: dict, mesh: Mesh):
+    """Shardings for a pytree whose subtrees mirror the params (optimizer moments): a leaf whose
+    key path ends with a parameter's path and has its rank takes that parameter's sharding;
+    everything else (step counts, scalars) is replicated."""
+    by_path = {}
+    for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
+        by_path[tuple(_key(k) for k in path)] = s
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        keys = tuple(_key(k) for k in path)
+        for n in range(len(keys), 0, -1):
+            s = by_path.get(keys[-n:])
+            if s is not None and len(s.spec) <= len(getattr(leaf, "shape", ())):
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _key(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def global_batch_array(local_BT: np.ndarray, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                       leading: int = 0) -> jax.Array:
+    """This process's rows of a batch -> one global array split over the batch mesh axes.
+    `leading` extra unsharded axes come first (gradient accumulation: [A, B, T])."""
+    spec = logical_to_spec(("activation_batch", "activation_length"), rules, mesh=mesh)
+    sharding = NamedSharding(mesh, PartitionSpec(*([None] * leading), *spec))
+    return jax.make_array_from_process_local_data(sharding, local_BT)

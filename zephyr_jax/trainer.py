@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from zephyr_jax import data as zdata
+from zephyr_jax import sharding
 from zephyr_jax.config import ConfigError, MixtralConfig
 from zephyr_jax.logging_utils import RunLogger
 from zephyr_jax.model import Mixtral, params_dict
@@ -43,11 +44,24 @@ def build_model(cfg: TrainConfig) -> tuple[MixtralConfig, dict]:
     return model_cfg, params_dict(model)
 
 
+def _tokenizer_source(cfg: TrainConfig) -> str | None:
+    """tokenizer_name_or_path, else the model's folder when it has tokenizer files, else None
+    (the shipped Mixtral v1 tokenizer)."""
+    if cfg.tokenizer_name_or_path:
+        return cfg.tokenizer_name_or_path
+    path = cfg.model_name_or_path
+    if path and os.path.isdir(path):
+        has = any(os.path.exists(os.path.join(path, f))
+                  for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+        return path if has else None
+    return path  # a Hub id (or None)
+
+
 def build_data(cfg: TrainConfig, tokenizer, process_index: int, process_count: int):
     """Tokenized train / eval examples, each with its processing report."""
     out = []
     for split in cfg.dataset_splits:
-        rows = zdata.load_mixture(cfg.dataset_mixer, split=split, seed=cfg.seed)
+        rows = zdata.load_mixture(cfg.dataset_mixer, split=split)  # the handbook's fixed seed 42
         examples, report = zdata.tokenize_dataset(
             rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
             max_bad_fraction=cfg.max_bad_row_fraction, source=f"{split} split")
@@ -89,10 +103,16 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def evaluate(eval_fn, params, examples, batch_size: int) -> dict:
-    loader = zdata.PreferenceLoader(examples, batch_size=batch_size, seed=0, num_epochs=1,
-                                    shuffle=False)
-    window = [jax.device_get(eval_fn(params, b)) for b in loader]
+def evaluate(eval_fn, params, examples, batch_size: int, max_length: int, pad_token_id: int,
+             to_global=lambda b, leading: b, process_index: int = 0, process_count: int = 1) -> dict:
+    """Mean of the eval step's metrics over the held-out pairs (full global batches), `eval_` names."""
+    loader = zdata.PreferenceLoader(examples, batch_size=batch_size // process_count,
+                                    max_length=max_length, pad_token_id=pad_token_id, seed=0,
+                                    num_epochs=1, shuffle=False, shard_index=process_index,
+                                    shard_count=process_count,
+                                    # one process: keep the last partial batch (every pair counts)
+                                    drop_remainder=process_count > 1)
+    window = [jax.device_get(eval_fn(params, to_global(b, 0))) for b in loader]
     if not window:
         return {}
     return {f"eval_{k}": v for k, v in _mean_window(window).items()}
@@ -106,8 +126,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     n_devices = jax.device_count()
 
     model_cfg, params = build_model(cfg)
-    tokenizer = zdata.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-                                     chat_template=cfg.chat_template)
+    tokenizer = zdata.load_tokenizer(_tokenizer_source(cfg), chat_template=cfg.chat_template)
     train_examples, eval_examples = build_data(cfg, tokenizer, process_index, process_count)
 
     micro_batch = cfg.per_device_train_batch_size * n_devices  # global pairs per micro-batch
@@ -116,6 +135,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"per_device_train_batch_size * devices = {micro_batch} is not divisible "
                           f"by the {process_count} processes")
     loader = zdata.PreferenceLoader(train_examples, batch_size=micro_batch // process_count,
+                                    max_length=cfg.max_length, pad_token_id=tokenizer.pad_token_id,
                                     seed=cfg.seed, num_epochs=None, shard_index=process_index,
                                     shard_count=process_count)
     steps_per_epoch = loader.steps_per_epoch // accum
@@ -124,25 +144,54 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           f"optimizer step of {micro_batch * accum} pairs")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
+    mesh_cfg = sharding.MeshConfig.from_dict(cfg.mesh, source="mesh")
+    mesh = sharding.make_mesh(mesh_cfg)
+    rules = sharding.normalize_rules(cfg.sharding_rules) if cfg.sharding_rules else sharding.DEFAULT_RULES
+    sharding.validate(mesh, model_cfg, micro_batch, rules)
+    p_shard = sharding.params_dict_shardings(model_cfg, mesh, rules)
+
     schedule = make_schedule(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_steps, total_steps)
     tx = make_optimizer(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                         moment_dtype=jnp.dtype(cfg.optimizer_moment_dtype))
-    train_step = jax.jit(make_train_step(model_cfg, tx, schedule, cfg.beta, cfg.loss_chunk_size,
-                                         cfg.nll_reduction),
-                         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model_cfg, cfg.beta, cfg.loss_chunk_size, cfg.nll_reduction))
+    abstract_state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
+    s_shard = TrainState(step=sharding.mirror_shardings(abstract_state.step, {}, mesh),
+                         params=p_shard,
+                         opt_state=sharding.mirror_shardings(abstract_state.opt_state, p_shard, mesh))
+    replicated = sharding.mirror_shardings(0, {}, mesh)
 
-    ckpt = TrainCheckpointer(cfg.output_dir, cfg.save_total_limit)
-    state = create_train_state(params, tx)
-    del params
-    resumed = ckpt.latest_step()
-    if resumed is not None:
-        state, meta = ckpt.restore(state)
-        loader.set_state(meta["data_state"])
-        print(f"[train] resumed from {ckpt.directory}/{resumed}", flush=True)
+    with sharding.use_mesh(mesh, rules):  # the MoE picks expert parallelism at trace time
+        train_step = jax.jit(
+            make_train_step(model_cfg, tx, schedule, cfg.beta, cfg.loss_chunk_size, cfg.nll_reduction),
+            in_shardings=(s_shard, None), out_shardings=(s_shard, replicated), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(model_cfg, cfg.beta, cfg.loss_chunk_size, cfg.nll_reduction),
+                            in_shardings=(p_shard, None), out_shardings=replicated)
+        ckpt = TrainCheckpointer(cfg.output_dir, cfg.save_total_limit)
+        resumed = ckpt.latest_step()
+        if resumed is not None:
+            target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                  abstract_state, s_shard)
+            del params
+            state, meta = ckpt.restore(target)
+            loader.set_state(meta["data_state"])
+            print(f"[train] resumed from {ckpt.directory}/{resumed}", flush=True)
+        else:
+            params = jax.device_put(params, p_shard)
+            state = jax.jit(lambda p: create_train_state(p, tx), out_shardings=s_shard)(params)
+            del params
+        return _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_step,
+                     eval_examples, tokenizer, steps_per_epoch, total_steps, accum, resumed,
+                     n_devices, process_index, process_count, t_start)
+
+
+def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_step, eval_examples,
+          tokenizer, steps_per_epoch, total_steps, accum, resumed, n_devices, process_index,
+          process_count, t_start):
     if process_index == 0:
         _write_run_files(cfg, model_cfg)
+
+    def to_global(batch, leading):
+        return {k: sharding.global_batch_array(v, mesh, rules, leading) for k, v in batch.items()}
 
     def save_meta() -> dict:
         return {"step": int(state.step), "data_state": loader.get_state(), "config": cfg.to_dict(),
@@ -157,7 +206,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     progress = logger.progress(total=total_steps, initial=step)
     with _StopFlag() as stop:
         while step < total_steps:
-            batch = _stack_micro([next(loader) for _ in range(accum)])
+            batch = to_global(_stack_micro([next(loader) for _ in range(accum)]), leading=1)
             state, metrics = train_step(state, batch)
             metrics = jax.device_get(metrics)
             step += 1
@@ -175,7 +224,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 window = []
             if eval_examples is not None and eval_every and step % eval_every == 0 and step < total_steps:
                 logger.log(step, evaluate(eval_step, state.params, eval_examples,
-                                          cfg.per_device_eval_batch_size * n_devices))
+                                          cfg.per_device_eval_batch_size * n_devices, cfg.max_length,
+                                          tokenizer.pad_token_id, to_global,
+                                          process_index, process_count))
             if cfg.save_strategy == "steps" and step % cfg.save_steps == 0:
                 ckpt.save(state, save_meta())
             if cfg.save_strategy == "epoch" and step % steps_per_epoch == 0:
@@ -191,7 +242,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     progress.close()
     final = dict(last_logged)
     if eval_examples is not None and cfg.eval_strategy != "no":
-        ev = evaluate(eval_step, state.params, eval_examples, cfg.per_device_eval_batch_size * n_devices)
+        ev = evaluate(eval_step, state.params, eval_examples, cfg.per_device_eval_batch_size * n_devices,
+                      cfg.max_length, tokenizer.pad_token_id, to_global, process_index, process_count)
         logger.log(step, ev)
         final.update(ev)
     if cfg.save_strategy != "no":

@@ -22,6 +22,7 @@ from zephyr_jax.model.layers import (
     rms_norm,
     rope_cos_sin,
 )
+from zephyr_jax.sharding import constrain
 
 # name -> (logical axes, shape builder). Stacked layer parameters lead with "layers".
 LAYER_PARAMS: dict[str, tuple[str, ...]] = {
@@ -134,6 +135,12 @@ def _decoder_layer(cfg: MixtralConfig, p: dict, x_BTD, cos_BTH, sin_BTH, mask_BT
     return x_BTD, stats, new_kv
 
 
+def _constrain_activations(x_BTD):
+    """Keep the residual stream split over the batch axes (a no-op without a mesh): without it the
+    compiler was seen replicating the batch of a full-size step."""
+    return constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
+
+
 class Mixtral(nnx.Module):
     """Mixtral causal LM.
 
@@ -186,7 +193,7 @@ class Mixtral(nnx.Module):
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, cfg.kv_head_dim, cfg.rope_theta, dtype)
         token_valid_N = attention_mask_BT.reshape(-1)
 
-        x_BTD = jnp.take(self.embed.value, input_ids_BT, axis=0).astype(dtype)
+        x_BTD = _constrain_activations(jnp.take(self.embed.value, input_ids_BT, axis=0).astype(dtype))
         layer_params = {k: v.value for k, v in self.layers.items()}
 
         def body(x, xs):
@@ -195,6 +202,7 @@ class Mixtral(nnx.Module):
             else:
                 p, k_c, v_c = xs
                 kv = (k_c, v_c, offset)
+            x = _constrain_activations(x)
             x, stats, new_kv = _decoder_layer(cfg, p, x, cos_BTH, sin_BTH, mask_BTS, token_valid_N, kv)
             return x, (stats, new_kv)
 
