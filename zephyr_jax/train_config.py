@@ -211,6 +211,9 @@ def load_train_config(path: str | os.PathLike | None, argv: list[str] | None = N
     overrides = parse_overrides(argv or [])
     _check_keys(overrides, "command line")
     values.update(overrides)
+    for key in ("eval_strategy", "save_strategy"):  # YAML 1.1 reads an unquoted `no` as False
+        if values.get(key) is False:
+            values[key] = "no"
     for key in ("dataset_splits", "report_to", "sharding_rules"):
         if isinstance(values.get(key), list):
             values[key] = tuple(tuple(x) if isinstance(x, list) else x for x in values[key])

@@ -21,6 +21,7 @@ from flax import nnx
 from zephyr_jax import data as zdata
 from zephyr_jax import sharding
 from zephyr_jax.config import ConfigError, MixtralConfig
+from zephyr_jax.distributed import maybe_initialize
 from zephyr_jax.logging_utils import RunLogger
 from zephyr_jax.model import Mixtral, params_dict
 from zephyr_jax.optim import make_optimizer, make_schedule
@@ -118,22 +119,63 @@ def evaluate(eval_fn, params, examples, batch_size: int, max_length: int, pad_to
     return {f"eval_{k}": v for k, v in _mean_window(window).items()}
 
 
+def mesh_and_shardings(cfg: TrainConfig, model_cfg: MixtralConfig, global_batch: int):
+    """(mesh, rules, params shardings) for `cfg` on all devices; raises ShardingError naming the
+    keys when `global_batch` pairs per micro-batch or the experts cannot be split."""
+    mesh = sharding.make_mesh(sharding.MeshConfig.from_dict(cfg.mesh, source="mesh"))
+    rules = sharding.normalize_rules(cfg.sharding_rules) if cfg.sharding_rules else sharding.DEFAULT_RULES
+    sharding.validate(mesh, model_cfg, global_batch, rules)
+    return mesh, rules, sharding.params_dict_shardings(model_cfg, mesh, rules)
+
+
+def make_tx(cfg: TrainConfig, total_steps: int):
+    """(schedule, optimizer) of the run."""
+    schedule = make_schedule(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_steps, total_steps)
+    tx = make_optimizer(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+                        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                        moment_dtype=jnp.dtype(cfg.optimizer_moment_dtype))
+    return schedule, tx
+
+
+def sharded_steps(cfg: TrainConfig, model_cfg: MixtralConfig, params, tx, schedule, mesh, p_shard):
+    """(abstract TrainState, its shardings, jitted train step, jitted eval step).
+
+    `params` may be arrays or ShapeDtypeStructs (only shapes are read): `zephyr_jax.plan` lowers
+    these very steps from abstract inputs. Trace them under `sharding.use_mesh(mesh, rules)`.
+    """
+    abstract_state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
+    s_shard = TrainState(step=sharding.mirror_shardings(abstract_state.step, {}, mesh),
+                         params=p_shard,
+                         opt_state=sharding.mirror_shardings(abstract_state.opt_state, p_shard, mesh))
+    replicated = sharding.mirror_shardings(0, {}, mesh)
+    train_step = jax.jit(
+        make_train_step(model_cfg, tx, schedule, cfg.beta, cfg.loss_chunk_size, cfg.nll_reduction),
+        in_shardings=(s_shard, None), out_shardings=(s_shard, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model_cfg, cfg.beta, cfg.loss_chunk_size, cfg.nll_reduction),
+                        in_shardings=(p_shard, None), out_shardings=replicated)
+    return abstract_state, s_shard, train_step, eval_step
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training described by `cfg`; returns the last logged metrics."""
     t_start = time.time()
+    maybe_initialize(cfg.distributed)  # before anything asks JAX about devices
     os.makedirs(cfg.output_dir, exist_ok=True)
     process_index, process_count = jax.process_index(), jax.process_count()
     n_devices = jax.device_count()
 
     model_cfg, params = build_model(cfg)
-    tokenizer = zdata.load_tokenizer(_tokenizer_source(cfg), chat_template=cfg.chat_template)
-    train_examples, eval_examples = build_data(cfg, tokenizer, process_index, process_count)
-
     micro_batch = cfg.per_device_train_batch_size * n_devices  # global pairs per micro-batch
     accum = cfg.gradient_accumulation_steps
     if micro_batch % process_count:
         raise ConfigError(f"per_device_train_batch_size * devices = {micro_batch} is not divisible "
                           f"by the {process_count} processes")
+    # every check that can fail does so before data loading and compiles
+    mesh, rules, p_shard = mesh_and_shardings(cfg, model_cfg, micro_batch)
+
+    tokenizer = zdata.load_tokenizer(_tokenizer_source(cfg), chat_template=cfg.chat_template)
+    train_examples, eval_examples = build_data(cfg, tokenizer, process_index, process_count)
+
     loader = zdata.PreferenceLoader(train_examples, batch_size=micro_batch // process_count,
                                     max_length=cfg.max_length, pad_token_id=tokenizer.pad_token_id,
                                     seed=cfg.seed, num_epochs=None, shard_index=process_index,
@@ -144,28 +186,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           f"optimizer step of {micro_batch * accum} pairs")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
-    mesh_cfg = sharding.MeshConfig.from_dict(cfg.mesh, source="mesh")
-    mesh = sharding.make_mesh(mesh_cfg)
-    rules = sharding.normalize_rules(cfg.sharding_rules) if cfg.sharding_rules else sharding.DEFAULT_RULES
-    sharding.validate(mesh, model_cfg, micro_batch, rules)
-    p_shard = sharding.params_dict_shardings(model_cfg, mesh, rules)
-
-    schedule = make_schedule(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_steps, total_steps)
-    tx = make_optimizer(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
-                        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                        moment_dtype=jnp.dtype(cfg.optimizer_moment_dtype))
-    abstract_state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
-    s_shard = TrainState(step=sharding.mirror_shardings(abstract_state.step, {}, mesh),
-                         params=p_shard,
-                         opt_state=sharding.mirror_shardings(abstract_state.opt_state, p_shard, mesh))
-    replicated = sharding.mirror_shardings(0, {}, mesh)
+    schedule, tx = make_tx(cfg, total_steps)
 
     with sharding.use_mesh(mesh, rules):  # the MoE picks expert parallelism at trace time
-        train_step = jax.jit(
-            make_train_step(model_cfg, tx, schedule, cfg.beta, cfg.loss_chunk_size, cfg.nll_reduction),
-            in_shardings=(s_shard, None), out_shardings=(s_shard, replicated), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model_cfg, cfg.beta, cfg.loss_chunk_size, cfg.nll_reduction),
-                            in_shardings=(p_shard, None), out_shardings=replicated)
+        abstract_state, s_shard, train_step, eval_step = sharded_steps(
+            cfg, model_cfg, params, tx, schedule, mesh, p_shard)
         ckpt = TrainCheckpointer(cfg.output_dir, cfg.save_total_limit)
         resumed = ckpt.latest_step()
         if resumed is not None:
@@ -278,7 +303,7 @@ def main_guard(fn, *args) -> int:
     """Turn the errors we raise for bad input into one clear line and exit code 2."""
     try:
         fn(*args)
-    except (ConfigError, TrainingError, zdata.DataError) as e:
+    except (ConfigError, TrainingError, zdata.DataError, sharding.ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

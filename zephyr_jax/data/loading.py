@@ -33,8 +33,18 @@ class DatasetLoadError(DataError):
 def _read_json_rows(path: str) -> list:
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        rows = json.load(f)
+            rows = []
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DatasetLoadError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            return rows
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DatasetLoadError(f"{path}: not valid JSON ({e})") from None
     if isinstance(rows, Mapping):  # {"data": [...]} or column-oriented {"col": [...]}
         rows = rows["data"] if "data" in rows else [dict(zip(rows, v, strict=True))
                                                     for v in zip(*rows.values(), strict=True)]
@@ -45,7 +55,12 @@ def _load_file(path: str) -> datasets.Dataset:
     if path.endswith(".parquet"):
         return datasets.Dataset.from_parquet(path)
     # Read JSON ourselves: no Arrow cache written next to the user's data, nested lists kept.
-    return datasets.Dataset.from_list(_read_json_rows(path))
+    rows = _read_json_rows(path)
+    # Arrow infers the columns from the first row: give every row every key (missing -> None) so
+    # a row lacking a key is counted by validation instead of the key vanishing for all rows.
+    keys = list(dict.fromkeys(k for r in rows if isinstance(r, Mapping) for k in r))
+    return datasets.Dataset.from_list(
+        [{k: (r.get(k) if isinstance(r, Mapping) else None) for k in keys} for r in rows])
 
 
 def _is_saved_dataset(path: str) -> bool:

@@ -1,0 +1,369 @@
+"""Time the full ORPO train step on one device, optionally against transformers + PyTorch.
+
+Example (on a CPU: the small model, 2 pairs x 256 tokens, against transformers; ~1-2 minutes):
+
+    python -m zephyr_jax.bench --moe-impl ragged --steps 5 --warmup 2 --reference hf
+
+On a GPU the defaults are PERF.md's bench model (configs/model/bench.yaml) and 4 pairs x 2048
+tokens. The step is the trainer's own: `make_train_step` + `make_optimizer` (AdamW, clipping),
+jitted with the state donated, the batch on the device, each step waited for with
+`block_until_ready`. `--reference hf` first runs `zephyr_jax.bench_reference` (transformers'
+MixtralForCausalLM, TRL's ORPO loss, torch AdamW) in a child process on the same config and batch.
+`--gemm` instead times the expert layer's grouped GEMM (`ragged_dot`, forward and backward) against
+a dense matmul of the same FLOPs and the equal-capacity batched einsum.
+
+Human-readable lines go first; the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zephyr_jax.config import MOE_IMPLS, MixtralConfig
+from zephyr_jax.model import Mixtral, params_dict
+from zephyr_jax.optim import make_optimizer, make_schedule
+from zephyr_jax.train_step import create_train_state, make_train_step
+
+# The CPU default: the bench model's shape family at a size two CPU cores step in about a second.
+# float32 because neither XLA:CPU nor PyTorch's CPU kernels make bf16 the fast path here.
+SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=1, max_position_embeddings=1024, dtype="float32",
+             param_dtype="float32")
+# (pairs, seq) per config name; anything else gets the CPU-sized default.
+SHAPES = {"bench": (4, 2048)}
+SMALL_SHAPE = (2, 256)
+# Dense bf16 tensor-core peaks (FLOP/s) by device-kind substring; PERF.md's MFU basis.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+BETA, LR, CHUNK_SIZE = 0.05, 5e-6, 512
+PROMPT_FRACTION = 4  # the first seq // 4 tokens are the (shared, label-masked) prompt
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve_config(spec: str | None, platform: str, moe_impl: str | None = None,
+                   dtype: str | None = None) -> tuple[str, MixtralConfig]:
+    """(name, config) for `bench`, `small`, another preset name, or a YAML path.
+
+    None means `bench` on a GPU and `small` elsewhere. `dtype` sets compute and parameter dtype.
+    """
+    if spec is None:
+        spec = "bench" if platform == "gpu" else "small"
+    if spec == "small":
+        cfg = MixtralConfig.preset("bench", **SMALL)
+    elif spec.endswith((".yaml", ".yml")) or os.path.sep in spec:
+        cfg = MixtralConfig.from_yaml(spec)
+    else:
+        cfg = MixtralConfig.preset(spec)
+    overrides = {}
+    if moe_impl:
+        overrides["moe_impl"] = moe_impl
+    if dtype:
+        overrides.update(dtype=dtype, param_dtype=dtype)
+    return spec, cfg.replace(**overrides)
+
+
+def default_shape(name: str) -> tuple[int, int]:
+    return SHAPES.get(name, SMALL_SHAPE)
+
+
+def make_batch(vocab_size: int, pairs: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A full-length preference batch, [pairs, seq_len] per key: chosen and rejected share a prompt
+    (the first quarter, label-masked), no padding, so every position is a real token."""
+    rng = np.random.default_rng(seed)
+    prompt = seq_len // PROMPT_FRACTION
+    batch = {}
+    shared = rng.integers(3, vocab_size, (pairs, prompt))
+    for side in ("chosen", "rejected"):
+        ids = np.concatenate([shared, rng.integers(3, vocab_size, (pairs, seq_len - prompt))], 1)
+        labels = ids.copy()
+        labels[:, :prompt] = -100
+        batch[f"{side}_input_ids"] = ids.astype(np.int32)
+        batch[f"{side}_attention_mask"] = np.ones_like(ids, np.int32)
+        batch[f"{side}_labels"] = labels.astype(np.int32)
+    return batch
+
+
+def flops_per_token(cfg: MixtralConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PERF.md's `flops_per_token`: 6 x active matmul parameters (attention
+    projections, top-k experts, router, LM head; not the embedding gather) + 6 x layers x seq x hidden
+    (causal attention scores and values)."""
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd = cfg.kv_head_dim
+    attn = 2 * d * cfg.num_attention_heads * hd + 2 * d * cfg.num_key_value_heads * hd
+    active = L * (attn + cfg.num_experts_per_tok * 3 * d * f + d * cfg.num_local_experts)
+    active += cfg.vocab_size * d
+    return 6.0 * active + 6.0 * L * seq_len * d
+
+
+def peak_flops(device: jax.Device, dtype: str, declared_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from): declared, a known GPU's table value, or measured."""
+    if declared_tflops:
+        return declared_tflops * 1e12, f"declared --peak-tflops {declared_tflops:g}"
+    for name, peak in PEAK_FLOPS.items():
+        if name in device.device_kind:
+            return peak, f"{name} dense bf16 peak {peak / 1e12:g} TFLOP/s (PERF.md basis)"
+    rate = measure_matmul_rate(dtype)
+    return rate, (f"measured: best {dtype} 2048^3 jnp matmul on this {device.platform} "
+                  f"({rate / 1e9:.1f} GFLOP/s); not a hardware peak")
+
+
+def measure_matmul_rate(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """Best observed FLOP/s of one n x n x n jitted matmul."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- our step
+
+
+def init_params(cfg: MixtralConfig, seed: int = 0) -> dict:
+    return params_dict(Mixtral(cfg, rngs=nnx.Rngs(seed)))
+
+
+def build_step(cfg: MixtralConfig, params: dict, batch: dict[str, np.ndarray], *, beta: float = BETA,
+               lr: float = LR, chunk_size: int = CHUNK_SIZE):
+    """(compiled step, state, device batch, compile seconds) for the trainer's step on one device.
+
+    The optimizer is the trainer's (`make_optimizer`: torch-style clipping at 1.0, AdamW, moments in
+    the parameter dtype) at a constant learning rate; the batch gets the gradient-accumulation axis
+    (A = 1) that `make_train_step` scans over.
+    """
+    schedule = make_schedule("constant", lr, warmup_steps=0, total_steps=1)
+    tx = make_optimizer(schedule, weight_decay=0.0, max_grad_norm=1.0)
+    state = create_train_state(params, tx)
+    device_batch = {k: jnp.asarray(v[None]) for k, v in batch.items()}
+    step = jax.jit(make_train_step(cfg, tx, schedule, beta, chunk_size), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, device_batch).compile()
+    return compiled, state, device_batch, time.perf_counter() - t0
+
+
+def time_ours(compiled, state, device_batch, steps: int, warmup: int) -> tuple[list[float], float]:
+    """Per-step wall times after `warmup` steps (each waited for), and the step-0 loss."""
+    times, loss0 = [], None
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, device_batch)
+        jax.block_until_ready((state, metrics))
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+        if loss0 is None:
+            loss0 = float(metrics["loss"])
+    return times, loss0
+
+
+def memory_report(device: jax.Device, compiled) -> tuple[int, str]:
+    """(bytes, label): the allocator's peak on accelerators; XLA's static estimate on CPU."""
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device.memory_stats()['peak_bytes_in_use']"
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(total), (f"XLA memory_analysis: arguments + outputs + temporaries - donated "
+                        f"(process peak RSS {rss / 2**30:.2f} GiB)")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def run_reference(cfg: MixtralConfig, batch: dict[str, np.ndarray], steps: int, warmup: int,
+                  experts_impl: str = "auto", compile: str = "auto") -> dict:
+    """`zephyr_jax.bench_reference` in a child process on this config and batch; its JSON result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path, batch_path = os.path.join(tmp, "config.json"), os.path.join(tmp, "batch.npz")
+        with open(cfg_path, "w") as fh:
+            json.dump({**cfg.to_hf(), "dtype": cfg.param_dtype}, fh)
+        np.savez(batch_path, **batch)
+        cmd = [sys.executable, "-m", "zephyr_jax.bench_reference", "--hf-config", cfg_path,
+               "--batch", batch_path, "--steps", str(steps), "--warmup", str(warmup),
+               "--experts-impl", experts_impl, "--compile", compile]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"reference step failed (exit {proc.returncode}): {proc.stdout[-2000:]}")
+    return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------- grouped GEMM
+
+
+def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, repeats: int = 10) -> list[dict]:
+    """The expert layer's up-projection (rows routed to experts, hidden -> intermediate) as
+    `jax.lax.ragged_dot` forward and backward (dx, dw), against a dense matmul of the same FLOPs and
+    the equal-capacity batched einsum `[E, C, d] x [E, d, f]` (PERF.md's table, for this config)."""
+    d, f, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    M = 2 * pairs * seq_len * cfg.num_experts_per_tok
+    M -= M % E
+    dt = jnp.dtype(cfg.dtype)
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (M, d), dt)
+    w = (0.02 * jax.random.normal(kw, (E, d, f), jnp.float32)).astype(dt)
+    sizes = jnp.full((E,), M // E, jnp.int32)
+    flops = 2.0 * M * d * f
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32))
+
+    ragged = lambda x, w: jax.lax.ragged_dot(x, w, sizes)
+    dense = lambda x, w: x @ w.reshape(E * d, f)[:d]
+    einsum = lambda x, w: jnp.einsum("ecd,edf->ecf", x.reshape(E, M // E, d), w)
+    cases = [
+        ("dense_matmul_same_flops", dense, 1),
+        ("batched_einsum_capacity", einsum, 1),
+        ("ragged_dot_fwd", ragged, 1),
+        ("ragged_dot_bwd_dx_dw", jax.grad(loss(ragged), argnums=(0, 1)), 2),
+        ("batched_einsum_bwd_dx_dw", jax.grad(loss(einsum), argnums=(0, 1)), 2),
+    ]
+    out = []
+    for name, fn, flop_mult in cases:
+        f_jit = jax.jit(fn)
+        jax.block_until_ready(f_jit(x, w))
+        best = min(_timed(lambda f_jit=f_jit: jax.block_until_ready(f_jit(x, w)))
+                   for _ in range(repeats))
+        out.append({"op": name, "rows": M, "d": d, "f": f, "experts": E, "dtype": cfg.dtype,
+                    "s": best, "tflops": flop_mult * flops / best / 1e12})
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    return {"min": min(times), "median": float(np.median(times)), "max": max(times)}
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for pkg in ("jax", "jaxlib", "flax", "torch", "transformers", "trl"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None,
+                   help="bench | small | a preset name | a YAML path (default: bench on GPU, small else)")
+    p.add_argument("--reference", choices=("none", "hf"), default="none")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
+    p.add_argument("--batch-pairs", type=int, default=None, help="preference pairs per step")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--moe-impl", choices=MOE_IMPLS, default=None, help="default: the config's")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute and parameter dtype (default: the config's)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="declare the MFU peak")
+    p.add_argument("--experts-impl", default="auto", help="reference: grouped_mm | eager | auto")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="reference: torch.compile (auto: on CUDA only, eager if it fails)")
+    p.add_argument("--gemm", action="store_true", help="time the expert grouped GEMM instead")
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.reference == "hf":  # the child process needs GPU memory JAX would otherwise preallocate
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    device = jax.devices()[0]
+    name, cfg = resolve_config(a.config, device.platform, a.moe_impl, a.dtype)
+    pairs, seq = a.batch_pairs or default_shape(name)[0], a.seq_len or default_shape(name)[1]
+    if a.gemm:
+        rows = bench_grouped_gemm(cfg, pairs, seq)
+        for r in rows:
+            log(f"{r['op']}: {r['tflops']:.3f} TFLOP/s ({r['s'] * 1e3:.2f} ms)")
+        print(json.dumps({"device": device.device_kind, "config": name, "gemm": rows, **versions()}))
+        return 0
+    batch = make_batch(cfg.vocab_size, pairs, seq)
+    tokens = 2 * pairs * seq
+    fpt = flops_per_token(cfg, seq)
+    log(f"device {device.platform}:{device.device_kind}; config {name} (hidden {cfg.hidden_size}, "
+        f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, "
+        f"vocab {cfg.vocab_size}, {cfg.dtype}), moe_impl {cfg.moe_impl}; {pairs} pairs x {seq} "
+        f"tokens = {tokens} tokens/step")
+
+    ref = None
+    if a.reference == "hf":
+        ref = run_reference(cfg, batch, a.steps, a.warmup, a.experts_impl, a.compile)
+        for err in ref["errors"]:
+            log(f"reference variant failed, fell back: {err}")
+
+    compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch)
+    times, loss0 = time_ours(compiled, state, device_batch, a.steps, a.warmup)
+    mem, mem_label = memory_report(device, compiled)
+    peak, peak_source = peak_flops(device, cfg.dtype, a.peak_tflops)
+
+    ours = spread(times)
+    tps = tokens / ours["median"]
+    mfu = tps * fpt / peak
+    log(f"ours: step {ours['median'] * 1e3:.1f} ms median (min {ours['min'] * 1e3:.1f}, max "
+        f"{ours['max'] * 1e3:.1f}) over {a.steps} steps after {a.warmup} warm-up; compile {compile_s:.1f} s")
+    log(f"ours: {tps:,.0f} tokens/s; step-0 loss {loss0:.5f}; peak memory {_gib(mem)} ({mem_label})")
+    log(f"MFU = tokens/s x FLOPs/token / peak = {tps:,.0f} x {fpt / 1e6:,.1f} MFLOP / "
+        f"{peak / 1e12:.4g} TFLOP/s = {100 * mfu:.2f}%  [peak: {peak_source}]")
+    result = {"tokens_per_s": tps, "mfu": mfu, "reference_tokens_per_s": None, "ratio": None,
+              "device": f"{device.platform}:{device.device_kind}", **versions(), "config": name,
+              "batch_pairs": pairs, "seq_len": seq, "tokens_per_step": tokens,
+              "moe_impl": cfg.moe_impl, "dtype": cfg.dtype, "steps": a.steps, "warmup": a.warmup,
+              "step_time_s": ours, "compile_s": compile_s, "flops_per_token": fpt,
+              "peak_flops": peak, "peak_source": peak_source, "peak_memory_bytes": mem,
+              "peak_memory_label": mem_label, "loss_step0": loss0}
+    if ref is not None:
+        r = spread(ref["step_times_s"])
+        ref_tps = tokens / r["median"]
+        log(f"reference (transformers {ref['transformers']} + torch {ref['torch']}, experts "
+            f"{ref['impl']}, {ref['device']}): step {r['median'] * 1e3:.1f} ms median (min "
+            f"{r['min'] * 1e3:.1f}, max {r['max'] * 1e3:.1f}); {ref_tps:,.0f} tokens/s; MFU "
+            f"{100 * ref_tps * fpt / peak:.2f}%; step-0 loss {ref['loss_step0']:.5f}; peak memory "
+            f"{_gib(ref['peak_memory_bytes'])} ({ref['peak_memory_label']})")
+        log(f"ratio ours / reference tokens/s = {tps / ref_tps:.3f}")
+        result.update(reference_tokens_per_s=ref_tps, ratio=tps / ref_tps,
+                      reference_mfu=ref_tps * fpt / peak, reference_impl=ref["impl"],
+                      reference_device=ref["device"], reference_step_time_s=r,
+                      reference_peak_memory_bytes=ref["peak_memory_bytes"],
+                      reference_peak_memory_label=ref["peak_memory_label"],
+                      reference_loss_step0=ref["loss_step0"], reference_errors=ref["errors"])
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Plan a run before booking the cluster: compile its full train step for the target mesh on
+simulated CPU devices and report memory per device, FLOPs per step and projected run time.
+
+    python -m zephyr_jax.plan configs/zephyr-141b-orpo.yaml --mesh 4x8 --mfu 0.4
+
+The step is the trainer's own (`trainer.sharded_steps`: same optimizer, shardings, donation,
+expert-parallel MoE), lowered from `jax.ShapeDtypeStruct`s: no weight is allocated, so a 141B
+model plans on a laptop. Other `--key value` pairs override the training config as in
+`python -m zephyr_jax.train`. The last line printed is JSON (`per_device_total_gib`,
+`flops_per_step`, `devices`, the memory breakdown, ...).
+
+Memory is XLA:CPU's buffer assignment of the per-device SPMD program: a close proxy for the
+GPU build, not the same program (GPU fuses differently, cuDNN attention needs no [T, S] scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
+GiB = 2**30
+
+# Hub ids the planner knows without downloading their config.json
+HUB_PRESETS = {"mistral-community/mixtral-8x22b-v0.1": "mixtral-8x22b"}
+# Rows of known Hub datasets (train split), to project a run's steps without downloading
+HUB_DATASET_ROWS = {"argilla/distilabel-capybara-dpo-7k-binarized": 7563}
+
+
+def _parse(argv: list[str]):
+    ap = argparse.ArgumentParser(prog="python -m zephyr_jax.plan", description=__doc__.split("\n")[0])
+    ap.add_argument("config", help="training YAML, e.g. configs/zephyr-141b-orpo.yaml")
+    ap.add_argument("--mesh", help="mesh, e.g. 4x8 (data x expert) or data=4,expert=8; "
+                    "default: the config's `mesh`")
+    ap.add_argument("--devices", type=int, help="device count, needed only when a mesh axis is -1")
+    ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to project with")
+    ap.add_argument("--peak_tflops", type=float, default=H100_BF16_PEAK / 1e12,
+                    help="peak FLOP/s per device in TFLOP/s (H100 bf16 dense: 989)")
+    ap.add_argument("--train_pairs", type=int, help="train pairs per epoch (default: known/local "
+                    "dataset size)")
+    ap.add_argument("--dump_hlo", help="write the compiled per-device HLO text here")
+    return ap.parse_known_args(argv)
+
+
+def mesh_devices(mesh: dict, devices: int | None) -> int:
+    from zephyr_jax.sharding import MESH_AXES, MeshConfig, ShardingError
+
+    mc = MeshConfig.from_dict(mesh, source="mesh")
+    sizes = [getattr(mc, a) for a in MESH_AXES]
+    if -1 in sizes:
+        if devices is None:
+            raise ShardingError(f"mesh {mesh} has a -1 axis: pass --devices N (or fix its sizes)")
+        return math.prod(mc.shape(devices))
+    return math.prod(sizes)
+
+
+def use_cpu_devices(n: int) -> None:
+    """Simulate `n` CPU devices; must run before JAX creates its backends."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def resolve_model_config(cfg):
+    """(MixtralConfig, note) of the run: the preset, a local config.json, or for a Hub id the
+    matching shipped preset read as that config.json (the runtime fields as the trainer sets)."""
+    from zephyr_jax.config import ConfigError, MixtralConfig
+
+    if cfg.model_preset:
+        return cfg.model_config(), f"model_preset {cfg.model_preset}"
+    path = cfg.model_name_or_path
+    if os.path.exists(os.path.join(path, "config.json")):
+        return MixtralConfig.from_hf(path, **cfg.runtime_overrides()), f"{path}/config.json"
+    preset = HUB_PRESETS.get(path.lower())
+    if preset is None:
+        raise ConfigError(f"model_name_or_path: {path!r} is not a local folder with config.json and "
+                          f"no preset matches it (known Hub ids: {sorted(HUB_PRESETS)}); pass "
+                          "--model_name_or_path null --model_preset NAME")
+    # as `pretrained.load_params` would build it from the Hub's config.json
+    hf = MixtralConfig.preset(preset).to_hf()
+    return (MixtralConfig.from_hf(hf, **cfg.runtime_overrides()),
+            f"{path} is not a local folder: using preset configs/model/{preset}.yaml "
+            "(its config.json)")
+
+
+def dataset_pairs(cfg) -> tuple[int | None, str]:
+    """Train rows of the mixture (before tokenization drops over-long prompts) and where from."""
+    from zephyr_jax.data import loading
+
+    total, sources = 0, []
+    for spec, frac in cfg.dataset_mixer.items():
+        if spec in HUB_DATASET_ROWS:
+            n = HUB_DATASET_ROWS[spec]
+            sources.append(f"{spec}: {n} rows (dataset card)")
+        elif spec == loading.SAMPLE_ALIAS or os.path.exists(spec):
+            n = len(loading.load_mixture({spec: 1.0}, split=cfg.dataset_splits[0], shuffle=False))
+            sources.append(f"{spec}: {n} rows")
+        else:
+            return None, f"{spec}: size unknown"
+        total += int(frac * n)
+    return total, "; ".join(sources)
+
+
+def analytic_flops(model_cfg, sequences: int, length: int) -> dict:
+    """Model FLOPs of one optimizer step (forward + backward, no remat recompute).
+
+    matmul params N = active params - the embedding table (a lookup, not a matmul);
+    dense = 6 * N * tokens; attention = 12 * layers * seqs * T^2 * heads * head_dim
+    (QK^T and PV, full T x T as computed here, times 3 for forward + backward).
+    """
+    c = model_cfg
+    n_matmul = c.num_active_params - c.vocab_size * c.hidden_size
+    tokens = sequences * length
+    dense = 6 * n_matmul * tokens
+    attn = 12 * c.num_hidden_layers * sequences * length**2 * c.num_attention_heads * c.kv_head_dim
+    recompute = 2 * n_matmul * tokens + 4 * c.num_hidden_layers * sequences * length**2 \
+        * c.num_attention_heads * c.kv_head_dim if c.remat == "full" else 0
+    return {"matmul_params": n_matmul, "tokens": tokens, "dense": dense, "attention": attn,
+            "model_flops": dense + attn, "with_remat": dense + attn + recompute}
+
+
+def _shard_bytes(tree, shardings) -> int:
+    import jax
+    import numpy as np
+
+    sizes = jax.tree.map(lambda a, s: math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize,
+                         tree, shardings)
+    return int(sum(jax.tree.leaves(sizes)))
+
+
+def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pairs: int | None = None,
+         dump_hlo: str | None = None, log=print) -> dict:
+    """Compile `cfg`'s train step on the current devices (all of them; the mesh must cover them)
+    and return the plan as a dict (what the CLI prints as its last line)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from zephyr_jax import sharding
+    from zephyr_jax.data.batching import BATCH_KEYS
+    from zephyr_jax.model import Mixtral, params_dict
+    from zephyr_jax.trainer import make_tx, mesh_and_shardings, sharded_steps
+
+    t0 = time.perf_counter()
+    model_cfg, model_note = resolve_model_config(cfg)
+    devices = jax.device_count()
+    global_batch = cfg.per_device_train_batch_size * devices  # pairs per micro-batch
+    accum = cfg.gradient_accumulation_steps
+    pairs, pairs_note = (train_pairs, "--train_pairs") if train_pairs else dataset_pairs(cfg)
+    if cfg.max_steps > 0:
+        total_steps, steps_note = cfg.max_steps, "max_steps"
+    elif pairs:
+        per_epoch = pairs // (global_batch * accum)
+        total_steps = math.ceil(cfg.num_train_epochs * per_epoch)
+        steps_note = (f"{pairs} pairs x {cfg.num_train_epochs:g} epochs / global batch "
+                      f"{global_batch * accum} ({pairs_note}; before dropping prompts >= "
+                      "max_prompt_length)")
+    else:
+        total_steps, steps_note = None, f"unknown ({pairs_note}); pass --train_pairs N"
+
+    mesh, rules, p_shard = mesh_and_shardings(cfg, model_cfg, global_batch)
+    schedule, tx = make_tx(cfg, total_steps or 1)
+    abstract_params = params_dict(nnx.eval_shape(lambda: Mixtral(model_cfg, rngs=nnx.Rngs(0))))
+    spec = sharding.logical_to_spec(("activation_batch", "activation_length"), rules, mesh=mesh)
+    batch_sh = NamedSharding(mesh, PartitionSpec(None, *spec))  # as trainer's to_global(leading=1)
+    batch = {k: jax.ShapeDtypeStruct((accum, global_batch, cfg.max_length), jnp.int32,
+                                     sharding=batch_sh) for k in BATCH_KEYS}
+    with sharding.use_mesh(mesh, rules):
+        abstract_state, s_shard, train_step, _ = sharded_steps(
+            cfg, model_cfg, abstract_params, tx, schedule, mesh, p_shard)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             abstract_state, s_shard)
+        lowered = train_step.lower(state, batch)
+        t_lower = time.perf_counter() - t0
+        compiled = lowered.compile()
+    t_compile = time.perf_counter() - t0 - t_lower
+    if dump_hlo:
+        with open(dump_hlo, "w") as fh:
+            fh.write(compiled.as_text())
+
+    mem = compiled.memory_analysis()
+    arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    params_b = _shard_bytes(abstract_state.params, s_shard.params)
+    opt_b = _shard_bytes(abstract_state.opt_state, s_shard.opt_state)
+    batch_b = _shard_bytes(batch, {k: batch_sh for k in batch})
+    total = arg + out - alias + temp
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_flops = float((cost or {}).get("flops", -1.0))
+    sequences = 2 * global_batch * accum
+    fl = analytic_flops(model_cfg, sequences, cfg.max_length)
+    step_s = fl["model_flops"] / (devices * peak_flops * mfu)
+    result = {
+        "config": model_note,
+        "devices": devices,
+        "mesh": dict(mesh.shape),
+        "global_batch_pairs": global_batch * accum,
+        "sequences_per_step": sequences,
+        "max_length": cfg.max_length,
+        "model": {"params": model_cfg.num_params, "active_params": model_cfg.num_active_params,
+                  "remat": model_cfg.remat, "moe_impl": model_cfg.moe_impl,
+                  "attention_impl": model_cfg.attention_impl, "param_dtype": model_cfg.param_dtype,
+                  "optimizer_moment_dtype": cfg.optimizer_moment_dtype},
+        "per_device_bytes": {
+            "params": params_b, "optimizer_state": opt_b, "batch": batch_b,
+            "other_arguments": arg - params_b - opt_b - batch_b,
+            "temp": temp,  # gradients, activations, MoE buffers, everything transient
+            "outputs_not_aliased": out - alias,
+            "argument": arg, "output": out, "alias": alias,
+        },
+        "per_device_total_bytes": total,
+        "per_device_total_gib": total / GiB,
+        "flops_per_step": fl["model_flops"],
+        "flops": {**fl, "xla_cost_analysis_per_device": xla_flops},
+        "projection": {"mfu": mfu, "peak_flops_per_device": peak_flops, "step_seconds": step_s,
+                       "total_steps": total_steps, "steps_from": steps_note,
+                       "run_hours": step_s * total_steps / 3600 if total_steps else None},
+        "seconds": {"lower": t_lower, "compile": t_compile},
+    }
+    _report(result, log)
+    return result
+
+
+def _report(r: dict, log) -> None:
+    b, fl, pr = r["per_device_bytes"], r["flops"], r["projection"]
+    m = r["model"]
+
+    def gib(x):
+        return f"{x / GiB:8.2f} GiB"
+
+    log(f"model: {r['config']}")
+    log(f"  {m['params'] / 1e9:.1f}B params, {m['active_params'] / 1e9:.1f}B active; remat "
+        f"{m['remat']}, moe_impl {m['moe_impl']}, attention {m['attention_impl']}, params "
+        f"{m['param_dtype']}, Adam moments {m['optimizer_moment_dtype']}")
+    log(f"mesh {r['mesh']} = {r['devices']} devices; step: {r['global_batch_pairs']} pairs = "
+        f"{r['sequences_per_step']} sequences x {r['max_length']} tokens")
+    log(f"compiled for simulated CPU devices in {r['seconds']['lower']:.0f} s (trace + lower) + "
+        f"{r['seconds']['compile']:.0f} s (compile)")
+    log("memory per device (XLA buffer assignment of the per-device program):")
+    log(f"  parameters            {gib(b['params'])}")
+    log(f"  optimizer state       {gib(b['optimizer_state'])}")
+    log(f"  batch + other inputs  {gib(b['batch'] + b['other_arguments'])}")
+    log(f"  temporaries           {gib(b['temp'])}  (gradients, activations, MoE buffers, ...)")
+    log(f"  outputs not aliased   {gib(b['outputs_not_aliased'])}  (the donated state is "
+        f"updated in place: {gib(b['alias']).strip()} aliased, counted once)")
+    log(f"  total                 {gib(r['per_device_total_bytes'])}  = arguments + outputs - "
+        "aliased + temporaries")
+    log("FLOPs per step:")
+    log(f"  analytic model FLOPs  {fl['model_flops']:.3e} = 6 x {fl['matmul_params'] / 1e9:.2f}B "
+        f"matmul params x {fl['tokens']} tokens ({fl['dense']:.3e}) + attention 12 x L x seqs x "
+        f"T^2 x heads x head_dim ({fl['attention']:.3e})")
+    if m["remat"] == "full":
+        log(f"  with full-remat recompute  {fl['with_remat']:.3e} (hardware FLOPs)")
+    log(f"  XLA cost_analysis     {fl['xla_cost_analysis_per_device']:.3e} per device x "
+        f"{r['devices']} = {fl['xla_cost_analysis_per_device'] * r['devices']:.3e} "
+        "(XLA:CPU's count of the compiled program)")
+    log(f"projection at MFU {pr['mfu']}: step = model FLOPs / (devices x peak x MFU) = "
+        f"{fl['model_flops']:.3e} / ({r['devices']} x {pr['peak_flops_per_device']:.3g} x "
+        f"{pr['mfu']}) = {pr['step_seconds']:.2f} s")
+    if pr["total_steps"]:
+        log(f"  run: {pr['total_steps']} steps ({pr['steps_from']}) x {pr['step_seconds']:.2f} s = "
+            f"{pr['run_hours']:.2f} h")
+    else:
+        log(f"  run: steps {pr['steps_from']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parse(list(sys.argv[1:] if argv is None else argv))
+    from zephyr_jax.sharding import ShardingError, parse_mesh
+    from zephyr_jax.train_config import ConfigError, load_train_config
+
+    try:
+        cfg = load_train_config(args.config, rest)
+        if args.mesh:
+            import dataclasses
+
+            mc = parse_mesh(args.mesh)
+            cfg = dataclasses.replace(cfg, mesh={a: getattr(mc, a) for a in mc.axis_names})
+        use_cpu_devices(mesh_devices(cfg.mesh, args.devices))
+        result = plan(cfg, mfu=args.mfu, peak_flops=args.peak_tflops * 1e12,
+                      train_pairs=args.train_pairs, dump_hlo=args.dump_hlo)
+    except (ConfigError, ShardingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
