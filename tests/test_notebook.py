@@ -42,6 +42,7 @@ print("NOTEBOOK_CHECK " + _json.dumps({
     "answer": answer,
     "answer_is_str": isinstance(answer, str),
     "sampled_is_str": isinstance(sampled, str),
+    "before_is_str": isinstance(before, str),
 }))
 """
 
@@ -75,7 +76,7 @@ def assert_common(nb, check):
     assert TRL_METRICS | {"loss", "grad_norm", "learning_rate"} <= set(check["train_metrics"])
     assert len(check["losses"]) == check["num_steps"] > 0
     assert all(math.isfinite(x) for x in check["losses"])
-    assert check["answer_is_str"] and check["sampled_is_str"]
+    assert check["answer_is_str"] and check["sampled_is_str"] and check["before_is_str"]
     # the plot cell displayed a PNG
     images = [o for c in _cells(nb) for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1

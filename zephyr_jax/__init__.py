@@ -7,7 +7,7 @@
 """
 
 from zephyr_jax.config import ConfigError, MixtralConfig
-from zephyr_jax.generate import generate, generate_ids, stream_generate
+from zephyr_jax.generate import chat_prompt_ids, generate, generate_ids, stream_generate
 from zephyr_jax.model import (
     KVCache,
     Mixtral,
@@ -16,8 +16,10 @@ from zephyr_jax.model import (
     model_from_params,
     params_dict,
 )
+from zephyr_jax.optim import make_optimizer, make_schedule
 from zephyr_jax.orpo import concat_pairs, orpo_loss, orpo_loss_from_hidden
 from zephyr_jax.pretrained import from_pretrained, save_pretrained
+from zephyr_jax.train_step import TrainState, create_train_state, make_eval_step, make_train_step
 
 __all__ = [
     "ConfigError",
@@ -25,6 +27,13 @@ __all__ = [
     "Mixtral",
     "MixtralConfig",
     "RouterStats",
+    "TrainState",
+    "chat_prompt_ids",
+    "create_train_state",
+    "make_eval_step",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
     "concat_pairs",
     "from_pretrained",
     "generate",

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zephyr_jax.config import MOE_IMPLS, MixtralConfig
+from zephyr_jax.config import ATTENTION_IMPLS, MOE_IMPLS, REMAT_POLICIES, MixtralConfig
 from zephyr_jax.model import Mixtral, params_dict
 from zephyr_jax.optim import make_optimizer, make_schedule
 from zephyr_jax.train_step import create_train_state, make_train_step
@@ -55,10 +55,11 @@ PROMPT_FRACTION = 4  # the first seq // 4 tokens are the (shared, label-masked) 
 
 
 def resolve_config(spec: str | None, platform: str, moe_impl: str | None = None,
-                   dtype: str | None = None) -> tuple[str, MixtralConfig]:
+                   dtype: str | None = None, **runtime: str) -> tuple[str, MixtralConfig]:
     """(name, config) for `bench`, `small`, another preset name, or a YAML path.
 
-    None means `bench` on a GPU and `small` elsewhere. `dtype` sets compute and parameter dtype.
+    None means `bench` on a GPU and `small` elsewhere. `dtype` sets compute and parameter dtype;
+    `runtime` other runtime fields (attention_impl, remat); None values are left alone.
     """
     if spec is None:
         spec = "bench" if platform == "gpu" else "small"
@@ -68,7 +69,7 @@ def resolve_config(spec: str | None, platform: str, moe_impl: str | None = None,
         cfg = MixtralConfig.from_yaml(spec)
     else:
         cfg = MixtralConfig.preset(spec)
-    overrides = {}
+    overrides = {k: v for k, v in runtime.items() if v is not None}
     if moe_impl:
         overrides["moe_impl"] = moe_impl
     if dtype:
@@ -117,11 +118,11 @@ def peak_flops(device: jax.Device, dtype: str, declared_tflops: float | None = N
         if name in device.device_kind:
             return peak, f"{name} dense bf16 peak {peak / 1e12:g} TFLOP/s (PERF.md basis)"
     rate = measure_matmul_rate(dtype)
-    return rate, (f"measured: best {dtype} 2048^3 jnp matmul on this {device.platform} "
+    return rate, (f"measured: best {dtype} 1024^3 jnp matmul on this {device.platform} "
                   f"({rate / 1e9:.1f} GFLOP/s); not a hardware peak")
 
 
-def measure_matmul_rate(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+def measure_matmul_rate(dtype: str, n: int = 1024, repeats: int = 5) -> float:
     """Best observed FLOP/s of one n x n x n jitted matmul."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
@@ -288,6 +289,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--moe-impl", choices=MOE_IMPLS, default=None, help="default: the config's")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute and parameter dtype (default: the config's)")
+    p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
+                   help="default: the config's (xla); dot_product_attention uses cuDNN on GPU")
+    p.add_argument("--remat", choices=REMAT_POLICIES, default=None, help="default: the config's")
     p.add_argument("--peak-tflops", type=float, default=None, help="declare the MFU peak")
     p.add_argument("--experts-impl", default="auto", help="reference: grouped_mm | eager | auto")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -304,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.reference == "hf":  # the child process needs GPU memory JAX would otherwise preallocate
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     device = jax.devices()[0]
-    name, cfg = resolve_config(a.config, device.platform, a.moe_impl, a.dtype)
+    name, cfg = resolve_config(a.config, device.platform, a.moe_impl, a.dtype,
+                               attention_impl=a.attention_impl, remat=a.remat)
     pairs, seq = a.batch_pairs or default_shape(name)[0], a.seq_len or default_shape(name)[1]
     if a.gemm:
         rows = bench_grouped_gemm(cfg, pairs, seq)
@@ -317,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     fpt = flops_per_token(cfg, seq)
     log(f"device {device.platform}:{device.device_kind}; config {name} (hidden {cfg.hidden_size}, "
         f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, "
-        f"vocab {cfg.vocab_size}, {cfg.dtype}), moe_impl {cfg.moe_impl}; {pairs} pairs x {seq} "
+        f"vocab {cfg.vocab_size}, {cfg.dtype}), moe_impl {cfg.moe_impl}, attention "
+        f"{cfg.attention_impl}, remat {cfg.remat}; {pairs} pairs x {seq} "
         f"tokens = {tokens} tokens/step")
 
     ref = None
@@ -342,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"tokens_per_s": tps, "mfu": mfu, "reference_tokens_per_s": None, "ratio": None,
               "device": f"{device.platform}:{device.device_kind}", **versions(), "config": name,
               "batch_pairs": pairs, "seq_len": seq, "tokens_per_step": tokens,
-              "moe_impl": cfg.moe_impl, "dtype": cfg.dtype, "steps": a.steps, "warmup": a.warmup,
+              "moe_impl": cfg.moe_impl, "dtype": cfg.dtype, "attention_impl": cfg.attention_impl,
+              "remat": cfg.remat, "steps": a.steps, "warmup": a.warmup,
               "step_time_s": ours, "compile_s": compile_s, "flops_per_token": fpt,
               "peak_flops": peak, "peak_source": peak_source, "peak_memory_bytes": mem,
               "peak_memory_label": mem_label, "loss_step0": loss0}

@@ -16,9 +16,11 @@ GPU build, not the same program (GPU fuses differently, cuDNN attention needs no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -42,6 +44,9 @@ def _parse(argv: list[str]):
                     help="peak FLOP/s per device in TFLOP/s (H100 bf16 dense: 989)")
     ap.add_argument("--train_pairs", type=int, help="train pairs per epoch (default: known/local "
                     "dataset size)")
+    ap.add_argument("--without_cpu_hoisting", action="store_true",
+                    help="also compile without XLA:CPU's loop-invariant code motion, whose float32 "
+                    "copies of bf16 weight stacks a GPU build does not make (a second compile)")
     ap.add_argument("--dump_hlo", help="write the compiled per-device HLO text here")
     return ap.parse_known_args(argv)
 
@@ -124,6 +129,58 @@ def analytic_flops(model_cfg, sequences: int, length: int) -> dict:
             "model_flops": dense + attn, "with_remat": dense + attn + recompute}
 
 
+_HLO_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+?)(?:\{[^}]*\})? ([\w\-]+)\((.*)$")
+
+
+def hlo_dot_flops(hlo_text: str) -> float:
+    """FLOPs of the dots in a compiled HLO module (2 x output elements x contracted size), with
+    while loops counted `known_trip_count` times. XLA's own `cost_analysis()` counts a loop
+    body once, i.e. one layer of a scanned model; this counts all of them."""
+    comps: dict[str, list] = {}
+    dims: dict[str, list[int]] = {}
+    entry, cur = None, None
+    for line in hlo_text.splitlines():
+        m = _HLO_COMPUTATION.match(line)
+        if m and not line.startswith(" "):
+            cur = comps.setdefault(m.group(2), [])
+            entry = m.group(2) if m.group(1) else entry
+            continue
+        m = _HLO_INSTRUCTION.match(line)
+        if m and cur is not None:
+            name, typ, op, rest = m.groups()
+            shape = re.match(r"^[a-z0-9]+\[([0-9,]*)\]", typ)
+            if shape:
+                dims[name] = [int(d) for d in shape.group(1).split(",") if d]
+            cur.append((name, op, rest))
+    memo: dict[str, float] = {}
+
+    def total(comp: str) -> float:
+        if comp not in memo:
+            memo[comp] = 0.0  # recursion guard
+            flops = 0.0
+            for name, op, rest in comps.get(comp, []):
+                if op == "dot":
+                    lhs = re.match(r"%([\w.\-]+)", rest).group(1)
+                    cd = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+                    k = math.prod(dims[lhs][int(i)] for i in cd.group(1).split(",") if i) if cd else 1
+                    flops += 2.0 * math.prod(dims[name]) * k
+                elif op == "while":
+                    n = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
+                    body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+                    flops += total(body) * (int(n.group(1)) if n else 1)
+                elif op == "conditional":
+                    branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+                    if branches:
+                        flops += max(total(b.strip().lstrip("%")) for b in branches.group(1).split(","))
+                else:
+                    flops += sum(total(c) for c in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest))
+            memo[comp] = flops
+        return memo[comp]
+
+    return total(entry) if entry else 0.0
+
+
 def _shard_bytes(tree, shardings) -> int:
     import jax
     import numpy as np
@@ -133,10 +190,29 @@ def _shard_bytes(tree, shardings) -> int:
     return int(sum(jax.tree.leaves(sizes)))
 
 
+# XLA:CPU computes bf16 dots in float32, and its loop-invariant code motion then hoists float32
+# copies of whole [layers, ...] weight / residual stacks out of the layer loop (tens of GiB at
+# full size); a GPU build has neither. `without_cpu_hoisting` compiles once more without that pass.
+NO_CPU_HOISTING = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def memory_breakdown(mem, params_b: int, opt_b: int, batch_b: int) -> dict:
+    """Per-device bytes from `compiled.memory_analysis()`; total = arguments + outputs -
+    aliased (the donated state is updated in place: count it once) + temporaries."""
+    arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    return {"params": params_b, "optimizer_state": opt_b, "batch": batch_b,
+            "other_arguments": arg - params_b - opt_b - batch_b,
+            "temp": temp,  # gradients, activations, MoE buffers: everything transient
+            "outputs_not_aliased": out - alias,
+            "argument": arg, "output": out, "alias": alias,
+            "total": arg + out - alias + temp}
+
+
 def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pairs: int | None = None,
-         dump_hlo: str | None = None, log=print) -> dict:
-    """Compile `cfg`'s train step on the current devices (all of them; the mesh must cover them)
-    and return the plan as a dict (what the CLI prints as its last line)."""
+         without_cpu_hoisting: bool = False, dump_hlo: str | None = None, log=print) -> dict:
+    """Compile `cfg`'s train step for all current devices (the mesh must cover them) from
+    abstract inputs and return the plan as a dict (the CLI's last line)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -152,18 +228,20 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
     devices = jax.device_count()
     global_batch = cfg.per_device_train_batch_size * devices  # pairs per micro-batch
     accum = cfg.gradient_accumulation_steps
-    pairs, pairs_note = (train_pairs, "--train_pairs") if train_pairs else dataset_pairs(cfg)
+    pairs, pairs_note = None, ""
+    if cfg.max_steps <= 0:
+        pairs, pairs_note = (train_pairs, "--train_pairs") if train_pairs else dataset_pairs(cfg)
     if cfg.max_steps > 0:
         total_steps, steps_note = cfg.max_steps, "max_steps"
     elif pairs:
-        per_epoch = pairs // (global_batch * accum)
-        total_steps = math.ceil(cfg.num_train_epochs * per_epoch)
-        steps_note = (f"{pairs} pairs x {cfg.num_train_epochs:g} epochs / global batch "
-                      f"{global_batch * accum} ({pairs_note}; before dropping prompts >= "
-                      "max_prompt_length)")
+        total_steps = math.ceil(cfg.num_train_epochs * (pairs // (global_batch * accum)))
+        steps_note = (f"{pairs} pairs x {cfg.num_train_epochs:g} epochs / {global_batch * accum} "
+                      f"pairs per step; {pairs_note}; rows with a prompt >= max_prompt_length "
+                      "tokens are dropped later, so slightly fewer")
     else:
         total_steps, steps_note = None, f"unknown ({pairs_note}); pass --train_pairs N"
 
+    # the trainer's own construction: mesh, rules, optimizer, shardings, jitted step
     mesh, rules, p_shard = mesh_and_shardings(cfg, model_cfg, global_batch)
     schedule, tx = make_tx(cfg, total_steps or 1)
     abstract_params = params_dict(nnx.eval_shape(lambda: Mixtral(model_cfg, rngs=nnx.Rngs(0))))
@@ -177,25 +255,24 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              abstract_state, s_shard)
         lowered = train_step.lower(state, batch)
-        t_lower = time.perf_counter() - t0
-        compiled = lowered.compile()
+    t_lower = time.perf_counter() - t0
+    compiled = lowered.compile()
     t_compile = time.perf_counter() - t0 - t_lower
+    hlo = compiled.as_text()
     if dump_hlo:
         with open(dump_hlo, "w") as fh:
-            fh.write(compiled.as_text())
+            fh.write(hlo)
 
-    mem = compiled.memory_analysis()
-    arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
-    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-    params_b = _shard_bytes(abstract_state.params, s_shard.params)
-    opt_b = _shard_bytes(abstract_state.opt_state, s_shard.opt_state)
-    batch_b = _shard_bytes(batch, {k: batch_sh for k in batch})
-    total = arg + out - alias + temp
+    sizes = (_shard_bytes(abstract_state.params, s_shard.params),
+             _shard_bytes(abstract_state.opt_state, s_shard.opt_state),
+             _shard_bytes(batch, {k: batch_sh for k in batch}))
+    mem = memory_breakdown(compiled.memory_analysis(), *sizes)
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    xla_flops = float((cost or {}).get("flops", -1.0))
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
     sequences = 2 * global_batch * accum
     fl = analytic_flops(model_cfg, sequences, cfg.max_length)
+    fl["compiled_dots"] = hlo_dot_flops(hlo) * devices
+    fl["xla_cost_analysis_per_device"] = float(cost.get("flops", -1.0))
     step_s = fl["model_flops"] / (devices * peak_flops * mfu)
     result = {
         "config": model_note,
@@ -207,68 +284,77 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
         "model": {"params": model_cfg.num_params, "active_params": model_cfg.num_active_params,
                   "remat": model_cfg.remat, "moe_impl": model_cfg.moe_impl,
                   "attention_impl": model_cfg.attention_impl, "param_dtype": model_cfg.param_dtype,
-                  "optimizer_moment_dtype": cfg.optimizer_moment_dtype},
-        "per_device_bytes": {
-            "params": params_b, "optimizer_state": opt_b, "batch": batch_b,
-            "other_arguments": arg - params_b - opt_b - batch_b,
-            "temp": temp,  # gradients, activations, MoE buffers, everything transient
-            "outputs_not_aliased": out - alias,
-            "argument": arg, "output": out, "alias": alias,
-        },
-        "per_device_total_bytes": total,
-        "per_device_total_gib": total / GiB,
+                  "optimizer_moment_dtype": cfg.optimizer_moment_dtype,
+                  "loss_chunk_size": cfg.loss_chunk_size},
+        "per_device_bytes": mem,
+        "per_device_total_gib": mem["total"] / GiB,
         "flops_per_step": fl["model_flops"],
-        "flops": {**fl, "xla_cost_analysis_per_device": xla_flops},
-        "projection": {"mfu": mfu, "peak_flops_per_device": peak_flops, "step_seconds": step_s,
-                       "total_steps": total_steps, "steps_from": steps_note,
-                       "run_hours": step_s * total_steps / 3600 if total_steps else None},
+        "flops": fl,
+        "projection": {
+            "mfu": mfu, "peak_flops_per_device": peak_flops, "step_seconds": step_s,
+            "step_seconds_compiled_dots": fl["compiled_dots"] / (devices * peak_flops * mfu),
+            "total_steps": total_steps, "steps_from": steps_note,
+            "run_hours": step_s * total_steps / 3600 if total_steps else None},
         "seconds": {"lower": t_lower, "compile": t_compile},
     }
+    if without_cpu_hoisting:
+        t1 = time.perf_counter()
+        mem2 = memory_breakdown(lowered.compile(compiler_options=NO_CPU_HOISTING).memory_analysis(),
+                                *sizes)
+        result["without_cpu_hoisting"] = {"per_device_bytes": mem2,
+                                          "per_device_total_gib": mem2["total"] / GiB}
+        result["seconds"]["compile_without_cpu_hoisting"] = time.perf_counter() - t1
     _report(result, log)
     return result
 
 
+def _gib(x: float) -> str:
+    return f"{x / GiB:8.2f} GiB" if abs(x) >= GiB else f"{x / 2**20:8.2f} MiB"
+
+
 def _report(r: dict, log) -> None:
-    b, fl, pr = r["per_device_bytes"], r["flops"], r["projection"]
-    m = r["model"]
-
-    def gib(x):
-        return f"{x / GiB:8.2f} GiB"
-
+    b, fl, pr, m = r["per_device_bytes"], r["flops"], r["projection"], r["model"]
     log(f"model: {r['config']}")
-    log(f"  {m['params'] / 1e9:.1f}B params, {m['active_params'] / 1e9:.1f}B active; remat "
+    log(f"  {m['params'] / 1e9:.2f}B params, {m['active_params'] / 1e9:.2f}B active; remat "
         f"{m['remat']}, moe_impl {m['moe_impl']}, attention {m['attention_impl']}, params "
-        f"{m['param_dtype']}, Adam moments {m['optimizer_moment_dtype']}")
-    log(f"mesh {r['mesh']} = {r['devices']} devices; step: {r['global_batch_pairs']} pairs = "
+        f"{m['param_dtype']}, Adam moments {m['optimizer_moment_dtype']}, loss chunk "
+        f"{m['loss_chunk_size']}")
+    log(f"mesh {r['mesh']} = {r['devices']} devices; one step: {r['global_batch_pairs']} pairs = "
         f"{r['sequences_per_step']} sequences x {r['max_length']} tokens")
-    log(f"compiled for simulated CPU devices in {r['seconds']['lower']:.0f} s (trace + lower) + "
-        f"{r['seconds']['compile']:.0f} s (compile)")
-    log("memory per device (XLA buffer assignment of the per-device program):")
-    log(f"  parameters            {gib(b['params'])}")
-    log(f"  optimizer state       {gib(b['optimizer_state'])}")
-    log(f"  batch + other inputs  {gib(b['batch'] + b['other_arguments'])}")
-    log(f"  temporaries           {gib(b['temp'])}  (gradients, activations, MoE buffers, ...)")
-    log(f"  outputs not aliased   {gib(b['outputs_not_aliased'])}  (the donated state is "
-        f"updated in place: {gib(b['alias']).strip()} aliased, counted once)")
-    log(f"  total                 {gib(r['per_device_total_bytes'])}  = arguments + outputs - "
-        "aliased + temporaries")
-    log("FLOPs per step:")
+    log(f"compiled for {r['devices']} simulated CPU devices: {r['seconds']['lower']:.0f} s trace "
+        f"+ lower, {r['seconds']['compile']:.0f} s compile")
+    log("memory per device (XLA:CPU buffer assignment of the per-device SPMD program):")
+    log(f"  parameters            {_gib(b['params'])}")
+    log(f"  optimizer state       {_gib(b['optimizer_state'])}")
+    log(f"  batch + other inputs  {_gib(b['batch'] + b['other_arguments'])}")
+    log(f"  temporaries           {_gib(b['temp'])}  gradients, activations, MoE buffers, ...")
+    log(f"  outputs not aliased   {_gib(b['outputs_not_aliased'])}  (updated state aliases the "
+        f"donated one: {_gib(b['alias']).strip()}, counted once)")
+    log(f"  total                 {_gib(b['total'])}  = arguments + outputs - aliased + temporaries")
+    if "without_cpu_hoisting" in r:
+        w = r["without_cpu_hoisting"]["per_device_bytes"]
+        log(f"  without XLA:CPU's hoisted float32 weight copies (loop-invariant code motion off; a "
+            f"GPU computes bf16 dots in bf16 and makes none): temporaries {_gib(w['temp']).strip()}"
+            f", total {_gib(w['total']).strip()}")
+    log("FLOPs per step (all devices):")
     log(f"  analytic model FLOPs  {fl['model_flops']:.3e} = 6 x {fl['matmul_params'] / 1e9:.2f}B "
-        f"matmul params x {fl['tokens']} tokens ({fl['dense']:.3e}) + attention 12 x L x seqs x "
-        f"T^2 x heads x head_dim ({fl['attention']:.3e})")
+        f"active matmul params x {fl['tokens']} tokens ({fl['dense']:.3e}) + attention "
+        f"12 x layers x seqs x T^2 x heads x head_dim ({fl['attention']:.3e})")
     if m["remat"] == "full":
-        log(f"  with full-remat recompute  {fl['with_remat']:.3e} (hardware FLOPs)")
-    log(f"  XLA cost_analysis     {fl['xla_cost_analysis_per_device']:.3e} per device x "
-        f"{r['devices']} = {fl['xla_cost_analysis_per_device'] * r['devices']:.3e} "
-        "(XLA:CPU's count of the compiled program)")
-    log(f"projection at MFU {pr['mfu']}: step = model FLOPs / (devices x peak x MFU) = "
+        log(f"    + full-remat forward recompute = {fl['with_remat']:.3e}")
+    log(f"  compiled program      {fl['compiled_dots']:.3e}  its dots, loops x trip count (padded "
+        "buffers, e.g. the dropless MoE exchange, are computed in full)")
+    log(f"  XLA cost_analysis     {fl['xla_cost_analysis_per_device']:.3e} per device: counts each "
+        "loop body (one layer, one loss chunk) once; not a step total")
+    log(f"projection at MFU {pr['mfu']}: step time = model FLOPs / (devices x peak x MFU) = "
         f"{fl['model_flops']:.3e} / ({r['devices']} x {pr['peak_flops_per_device']:.3g} x "
-        f"{pr['mfu']}) = {pr['step_seconds']:.2f} s")
+        f"{pr['mfu']}) = {pr['step_seconds']:.3g} s")
+    log(f"  (the compiled program's FLOPs at the same rate: {pr['step_seconds_compiled_dots']:.3g} s)")
     if pr["total_steps"]:
-        log(f"  run: {pr['total_steps']} steps ({pr['steps_from']}) x {pr['step_seconds']:.2f} s = "
-            f"{pr['run_hours']:.2f} h")
+        log(f"  run time = {pr['total_steps']} steps x {pr['step_seconds']:.3g} s = "
+            f"{pr['run_hours']:.3g} h; steps: {pr['steps_from']}")
     else:
-        log(f"  run: steps {pr['steps_from']}")
+        log(f"  run time: steps {pr['steps_from']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,13 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_train_config(args.config, rest)
         if args.mesh:
-            import dataclasses
-
             mc = parse_mesh(args.mesh)
             cfg = dataclasses.replace(cfg, mesh={a: getattr(mc, a) for a in mc.axis_names})
         use_cpu_devices(mesh_devices(cfg.mesh, args.devices))
         result = plan(cfg, mfu=args.mfu, peak_flops=args.peak_tflops * 1e12,
-                      train_pairs=args.train_pairs, dump_hlo=args.dump_hlo)
+                      train_pairs=args.train_pairs, without_cpu_hoisting=args.without_cpu_hoisting,
+                      dump_hlo=args.dump_hlo)
     except (ConfigError, ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

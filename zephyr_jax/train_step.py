@@ -67,21 +67,13 @@ def make_train_step(model_cfg: MixtralConfig, tx: optax.GradientTransformation,
 
         def micro(grads_acc, mb):
             (loss, metrics), grads = grad_fn(state.params, mb, model_cfg, beta, chunk_size, nll_reduction)
-            if grads_acc is None:
-                return grads, {"loss": loss, **metrics}
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grads_acc, grads)
             return grads_acc, {"loss": loss, **metrics}
 
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), state.params)
+        grads, per_micro = jax.lax.scan(micro, zeros, batch)
         n_micro = jax.tree.leaves(batch)[0].shape[0]
-        if n_micro == 1:
-            # no float32 accumulator: for bf16 params it would be twice their memory per device
-            # (16 GiB of the 141B step on 4x8), and the gradient is the same either way
-            grads, per_micro = micro(None, jax.tree.map(lambda x: x[0], batch))
-            per_micro = jax.tree.map(lambda x: x[None], per_micro)
-        else:
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), state.params)
-            grads, per_micro = jax.lax.scan(micro, zeros, batch)
-            grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, state.params)
+        grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, state.params)
         metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_micro)
         metrics["num_tokens"] = jnp.sum(per_micro["num_tokens"])
         grad_norm = global_norm(grads)

@@ -1,0 +1,107 @@
+"""The benchmark: its CLI contract, its FLOP count, and that both timed steps compute the same loss.
+
+Correctness only; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from zephyr_jax import bench
+from zephyr_jax.config import MixtralConfig
+from zephyr_jax.pretrained import save_pretrained
+
+torch = pytest.importorskip("torch")
+bench_reference = pytest.importorskip("zephyr_jax.bench_reference")
+
+REQUIRED = ("tokens_per_s", "mfu", "reference_tokens_per_s", "ratio", "device", "jax", "jaxlib",
+            "torch", "transformers", "config", "batch_pairs", "seq_len", "moe_impl")
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_cli_with_reference_ends_in_json(capsys):
+    rc = bench.main(["--config", "tiny", "--steps", "2", "--warmup", "1", "--reference", "hf",
+                     "--batch-pairs", "1", "--seq-len", "32"])
+    assert rc == 0
+    result = _last_json(capsys.readouterr().out)
+    assert set(REQUIRED) <= set(result)
+    for key in ("tokens_per_s", "mfu", "reference_tokens_per_s", "ratio"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
+    assert result["ratio"] == pytest.approx(result["tokens_per_s"] / result["reference_tokens_per_s"])
+    assert result["config"] == "tiny" and result["moe_impl"] == "ragged"
+    assert (result["batch_pairs"], result["seq_len"], result["tokens_per_step"]) == (1, 32, 64)
+    assert all(result[k] for k in ("jax", "jaxlib", "torch", "transformers", "device"))
+    assert result["step_time_s"]["min"] <= result["step_time_s"]["median"] <= result["step_time_s"]["max"]
+    assert result["peak_memory_bytes"] > 0 and result["reference_peak_memory_bytes"] > 0
+
+
+def test_cli_gemm_mode(capsys):
+    assert bench.main(["--config", "tiny", "--gemm", "--batch-pairs", "1", "--seq-len", "32"]) == 0
+    rows = _last_json(capsys.readouterr().out)["gemm"]
+    assert {r["op"] for r in rows} >= {"dense_matmul_same_flops", "ragged_dot_fwd", "ragged_dot_bwd_dx_dw"}
+    assert all(r["tflops"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(("moe_impl", "experts_impl"),
+                         [("ragged", "grouped_mm"), ("dense", "grouped_mm"), ("ragged", "eager")])
+def test_reference_loss_equals_ours_at_step0(tmp_path, moe_impl, experts_impl):
+    """Same weights (our init, exported with the project's HF writer) and the same bench batch:
+    TRL's loss on transformers' model equals our train step's loss, fp32, 1e-4 relative."""
+    cfg = MixtralConfig.preset("tiny", moe_impl=moe_impl)
+    params = bench.init_params(cfg, seed=3)
+    save_pretrained(params, tmp_path / "hf", config=cfg, format="hf")
+    batch = bench.make_batch(cfg.vocab_size, pairs=2, seq_len=48, seed=1)
+
+    compiled, state, device_batch, _ = bench.build_step(cfg, params, batch)
+    _, ours = bench.time_ours(compiled, state, device_batch, steps=1, warmup=0)
+
+    model = bench_reference.build_model(cfg.to_hf(), "cpu", experts_impl, weights=str(tmp_path / "hf"))
+    assert next(model.parameters()).dtype == torch.float32
+    step = bench_reference.make_step(model)
+    ref = float(step(bench_reference.torch_batch(batch, "cpu")))
+    assert abs(ours - ref) <= 1e-4 * abs(ref), (ours, ref)
+
+
+def test_flops_per_token_is_perf_md_formula():
+    """PERF.md's `flops_per_token` (bench/anchor_gpu.py), and its table: 92,782 tokens/s -> 41.5%."""
+    cfg = MixtralConfig.preset("bench")
+    c = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+             num_attention_heads=16, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2)
+    d, f, L, V, T = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"], 2048
+    hd = d // c["num_attention_heads"]
+    attn = d * d * 2 + 2 * d * c["num_key_value_heads"] * hd
+    act = L * (attn + c["num_experts_per_tok"] * 3 * d * f + d * c["num_local_experts"]) + V * d
+    assert bench.flops_per_token(cfg, T) == 6 * act + 6 * L * T * d
+    assert 92_782 * bench.flops_per_token(cfg, T) / 989e12 == pytest.approx(0.415, abs=5e-4)
+
+
+def test_make_batch_is_a_full_length_preference_batch():
+    b = bench.make_batch(vocab_size=100, pairs=3, seq_len=40)
+    assert {v.shape for v in b.values()} == {(3, 40)}
+    np.testing.assert_array_equal(b["chosen_input_ids"][:, :10], b["rejected_input_ids"][:, :10])
+    for side in ("chosen", "rejected"):
+        assert (b[f"{side}_labels"][:, :10] == -100).all()
+        np.testing.assert_array_equal(b[f"{side}_labels"][:, 10:], b[f"{side}_input_ids"][:, 10:])
+        assert b[f"{side}_attention_mask"].all()
+        assert b[f"{side}_input_ids"].min() >= 3 and b[f"{side}_input_ids"].max() < 100
+
+
+def test_config_defaults_follow_the_platform(tmp_path):
+    name, cfg = bench.resolve_config(None, "gpu")
+    assert name == "bench" and cfg == MixtralConfig.preset("bench")
+    name, cfg = bench.resolve_config(None, "cpu", moe_impl="dense")
+    assert name == "small" and cfg.moe_impl == "dense" and cfg.vocab_size == 32000
+    assert (cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size) == (8, 2, 256)
+    assert bench.default_shape("bench") == (4, 2048) and bench.default_shape("small") == (2, 256)
+    path = tmp_path / "m.yaml"
+    path.write_text("vocab_size: 64\nhidden_size: 16\nintermediate_size: 32\nnum_hidden_layers: 1\n"
+                    "num_attention_heads: 2\nnum_key_value_heads: 1\n")
+    name, cfg = bench.resolve_config(str(path), "cpu", dtype="bfloat16")
+    assert cfg.hidden_size == 16 and cfg.dtype == cfg.param_dtype == "bfloat16"
