@@ -148,6 +148,8 @@ def render_row(
     try:
         texts = [tokenizer.apply_chat_template(m, tokenize=False)
                  for m in (prompt_msgs, chosen_msgs, rejected_msgs)]
+    except ImportError:  # no jinja2: a broken install, not a bad row
+        raise
     except Exception as e:  # a template may raise on content it refuses (jinja raise_exception)
         raise InvalidRow(TEMPLATE_ERROR, str(e)) from e
     return PreferenceText(*texts)
