@@ -105,8 +105,9 @@ def test_cli_prompt_prints_answer(folder, loaded):
 def test_cli_interactive_keeps_history_and_exits(folder, loaded, monkeypatch, capsys):
     model, tok = loaded
     sampling = dict(max_new_tokens=N_NEW, temperature=0.0)
-    first = generate(model, tok, [{"role": "user", "content": "hi"}], **sampling)
-    second = generate(model, tok, [{"role": "user", "content": "hi"},
+    system = {"role": "system", "content": ""}  # the CLI starts like training prompts did
+    first = generate(model, tok, [system, {"role": "user", "content": "hi"}], **sampling)
+    second = generate(model, tok, [system, {"role": "user", "content": "hi"},
                                    {"role": "assistant", "content": first},
                                    {"role": "user", "content": "how are you"}], **sampling)
     args = ["--model", folder, "--max-new-tokens", str(N_NEW), "--temperature", "0"]

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True,
                         help="model path for zephyr_jax.from_pretrained (e.g. an HF folder)")
     parser.add_argument("--prompt", help="answer this one message and exit")
-    parser.add_argument("--system", help="system message at the start of the conversation")
+    parser.add_argument("--system", help="system message at the start of the conversation "
+                        "(default: an empty one, as the handbook inserted in training)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="0 disables")
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_chat_tokenizer(args.model)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    history = [] if args.system is None else [{"role": "system", "content": args.system}]
+    # Training prompts carried an empty system turn (the handbook's auto_insert_empty_system_msg):
+    # start chats the same way unless the user gives a system message.
+    history = [{"role": "system", "content": args.system or ""}]
     if args.prompt is not None:
         print(generate(model, tokenizer, [*history, {"role": "user", "content": args.prompt}],
                        **sampling))
