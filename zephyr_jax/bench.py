@@ -18,6 +18,7 @@ Human-readable lines go first; the last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -33,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from zephyr_jax.config import ATTENTION_IMPLS, MOE_IMPLS, REMAT_POLICIES, MixtralConfig
-from zephyr_jax.model import Mixtral, params_dict
+from zephyr_jax.model import Mixtral, dispatch, params_dict
 from zephyr_jax.optim import make_optimizer, make_schedule
 from zephyr_jax.train_step import create_train_state, make_train_step
 
@@ -140,6 +141,23 @@ def _timed(fn) -> float:
 # ----------------------------------------------------------------------------- our step
 
 
+@contextlib.contextmanager
+def grouped_gemm(kind: str):
+    """With "pallas", moe_impl="ragged" runs `zephyr_jax.kernels.ragged_dispatch` (Pallas grouped
+    GEMM) instead of `jax.lax.ragged_dot`: a bench-only switch until it is registered as a dispatch."""
+    if kind == "xla":
+        yield
+        return
+    from zephyr_jax.kernels import ragged_dispatch
+
+    saved = dispatch.DISPATCH["ragged"]
+    dispatch.DISPATCH["ragged"] = ragged_dispatch
+    try:
+        yield
+    finally:
+        dispatch.DISPATCH["ragged"] = saved
+
+
 def init_params(cfg: MixtralConfig, seed: int = 0) -> dict:
     return params_dict(Mixtral(cfg, rngs=nnx.Rngs(seed)))
 
@@ -149,8 +167,8 @@ def build_step(cfg: MixtralConfig, params: dict, batch: dict[str, np.ndarray], *
     """(compiled step, state, device batch, compile seconds) for the trainer's step on one device.
 
     The optimizer is the trainer's (`make_optimizer`: torch-style clipping at 1.0, AdamW, moments in
-    the parameter dtype) at a constant learning rate; the batch gets the gradient-accumulation axis
-    (A = 1) that `make_train_step` scans over.
+    the parameter dtype) at a constant learning rate; the batch gets the leading
+    gradient-accumulation axis `make_train_step` takes (A = 1).
     """
     schedule = make_schedule("constant", lr, warmup_steps=0, total_steps=1)
     tx = make_optimizer(schedule, weight_decay=0.0, max_grad_norm=1.0)
@@ -214,42 +232,69 @@ def run_reference(cfg: MixtralConfig, batch: dict[str, np.ndarray], steps: int, 
 # ----------------------------------------------------------------------------- grouped GEMM
 
 
-def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, repeats: int = 10) -> list[dict]:
-    """The expert layer's up-projection (rows routed to experts, hidden -> intermediate) as
-    `jax.lax.ragged_dot` forward and backward (dx, dw), against a dense matmul of the same FLOPs and
-    the equal-capacity batched einsum `[E, C, d] x [E, d, f]` (PERF.md's table, for this config)."""
+# Pallas grouped-GEMM tile candidates (bm, bk, bn, num_warps, num_stages) tried by `--gemm` on a GPU.
+GMM_TILES = ((128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4))
+
+
+def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, *, pallas: bool,
+                       repeats: int = 10) -> list[dict]:
+    """The expert layer's up-projection (rows routed to experts, hidden -> intermediate): XLA's
+    `jax.lax.ragged_dot` (and, with `pallas`, `zephyr_jax.kernels.gmm` at each of `GMM_TILES`),
+    forward and backward (dx, dw), against a dense matmul of the same FLOPs and the equal-capacity
+    batched einsum `[E, C, d] x [E, d, f]`: PERF.md's table, for this config. Backward rows time
+    the VJP alone (forward residuals precomputed), at twice the forward's FLOPs."""
     d, f, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
     M = 2 * pairs * seq_len * cfg.num_experts_per_tok
     M -= M % E
     dt = jnp.dtype(cfg.dtype)
-    kx, kw = jax.random.split(jax.random.key(0))
+    kx, kw, kd = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (M, d), dt)
     w = (0.02 * jax.random.normal(kw, (E, d, f), jnp.float32)).astype(dt)
-    sizes = jnp.full((E,), M // E, jnp.int32)
+    dy = jax.random.normal(kd, (M, f), dt)
+    even = jnp.full((E,), M // E, jnp.int32)
+    r = M // 2 // max(E - 1, 1)  # skewed: half the rows (or more) to expert 0
+    skewed = jnp.array([M - (E - 1) * r] + [r] * (E - 1), jnp.int32)
     flops = 2.0 * M * d * f
 
-    def loss(fn):
-        return lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32))
+    cases = [("dense_matmul_same_flops", lambda x, w: x @ w.reshape(E * d, f)[:d], True),
+             ("batched_einsum_capacity",
+              lambda x, w: jnp.einsum("ecd,edf->ecf", x.reshape(E, M // E, d), w), True),
+             ("ragged_dot", lambda x, w, s=even: jax.lax.ragged_dot(x, w, s), True),
+             ("ragged_dot_skewed", lambda x, w, s=skewed: jax.lax.ragged_dot(x, w, s), False)]
+    if pallas:
+        from zephyr_jax.kernels import gmm
 
-    ragged = lambda x, w: jax.lax.ragged_dot(x, w, sizes)
-    dense = lambda x, w: x @ w.reshape(E * d, f)[:d]
-    einsum = lambda x, w: jnp.einsum("ecd,edf->ecf", x.reshape(E, M // E, d), w)
-    cases = [
-        ("dense_matmul_same_flops", dense, 1),
-        ("batched_einsum_capacity", einsum, 1),
-        ("ragged_dot_fwd", ragged, 1),
-        ("ragged_dot_bwd_dx_dw", jax.grad(loss(ragged), argnums=(0, 1)), 2),
-        ("batched_einsum_bwd_dx_dw", jax.grad(loss(einsum), argnums=(0, 1)), 2),
-    ]
-    out = []
-    for name, fn, flop_mult in cases:
-        f_jit = jax.jit(fn)
-        jax.block_until_ready(f_jit(x, w))
-        best = min(_timed(lambda f_jit=f_jit: jax.block_until_ready(f_jit(x, w)))
-                   for _ in range(repeats))
-        out.append({"op": name, "rows": M, "d": d, "f": f, "experts": E, "dtype": cfg.dtype,
-                    "s": best, "tflops": flop_mult * flops / best / 1e12})
-    return out
+        for bm, bk, bn, nw, ns in GMM_TILES:
+            fn = (lambda x, w, t=(bm, bk, bn, nw, ns), s=even:
+                  gmm(x, w, s, bm=t[0], bk=t[1], bn=t[2], num_warps=t[3], num_stages=t[4]))
+            cases.append((f"pallas_gmm[{bm},{bk},{bn},w{nw},s{ns}]", fn, True))
+        cases.append(("pallas_gmm_skewed", lambda x, w, s=skewed: gmm(x, w, s), False))
+    base = {"rows": M, "d": d, "f": f, "experts": E, "dtype": cfg.dtype}
+    return [{"op": name, **base, **_time_case(fn, x, w, dy, flops, with_bwd, repeats)}
+            for name, fn, with_bwd in cases]
+
+
+def _time_case(fn, x, w, dy, flops: float, with_bwd: bool, repeats: int) -> dict:
+    """Best-of-`repeats` forward (and VJP) time of `fn(x, w)`; a failure is reported, not raised."""
+    row = {}
+    try:
+        fwd = jax.jit(fn)
+        row["fwd_s"] = _best_time(lambda: fwd(x, w), repeats)
+        row["fwd_tflops"] = flops / row["fwd_s"] / 1e12
+        if with_bwd:
+            _, vjp_fn = jax.vjp(fn, x, w)
+            bwd = jax.jit(lambda vjp_fn, g: vjp_fn(g))
+            g = dy.reshape(jax.eval_shape(fn, x, w).shape)
+            row["bwd_s"] = _best_time(lambda: bwd(vjp_fn, g), repeats)
+            row["bwd_tflops"] = 2 * flops / row["bwd_s"] / 1e12
+    except Exception as e:  # a failing candidate (a kernel that does not build) is a result
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+
+
+def _best_time(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    return min(_timed(lambda: jax.block_until_ready(fn())) for _ in range(repeats))
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -296,11 +341,95 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--experts-impl", default="auto", help="reference: grouped_mm | eager | auto")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="reference: torch.compile (auto: on CUDA only, eager if it fails)")
+    p.add_argument("--grouped-gemm", choices=("xla", "pallas"), default="xla",
+                   help="xla: jax.lax.ragged_dot; pallas: zephyr_jax.kernels.gmm (GPU; needs "
+                        "--moe-impl ragged for the step; with --gemm, adds the kernel's rows)")
     p.add_argument("--gemm", action="store_true", help="time the expert grouped GEMM instead")
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if a.grouped_gemm == "pallas" and not a.gemm and a.moe_impl != "ragged":
+        p.error("--grouped-gemm pallas replaces ragged_dot: it needs --moe-impl ragged")
     return a
+
+
+def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: MixtralConfig,
+                 pairs: int, seq: int) -> dict:
+    """Our step (and, with `--reference hf`, the reference first): the result JSON's fields."""
+    batch = make_batch(cfg.vocab_size, pairs, seq)
+    tokens = 2 * pairs * seq
+    log(f"device {device.platform}:{device.device_kind}; config {name} (hidden {cfg.hidden_size}, "
+        f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-"
+        f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}, {cfg.dtype}); moe_impl {cfg.moe_impl}, "
+        f"attention {cfg.attention_impl}, remat {cfg.remat}, grouped GEMM {a.grouped_gemm}; "
+        f"{pairs} pairs x {seq} tokens = {tokens} tokens/step")
+    ref, ref_error = None, None
+    if a.reference == "hf":
+        try:
+            ref = run_reference(cfg, batch, a.steps, a.warmup, a.experts_impl, a.compile)
+        except RuntimeError as e:
+            ref_error = str(e)
+            log(f"reference failed: {ref_error}")
+        for err in (ref or {}).get("errors", []):
+            log(f"reference variant failed, fell back: {err}")
+
+    with grouped_gemm(a.grouped_gemm):
+        compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch)
+    times, loss0 = time_ours(compiled, state, device_batch, a.steps, a.warmup)
+    mem, mem_label = memory_report(device, compiled)
+    peak, peak_source = peak_flops(device, cfg.dtype, a.peak_tflops)
+    fpt = flops_per_token(cfg, seq)
+    ours = spread(times)
+    tps = tokens / ours["median"]
+    result = {"tokens_per_s": tps, "mfu": tps * fpt / peak, "reference_tokens_per_s": None,
+              "ratio": None, "device": f"{device.platform}:{device.device_kind}", **versions(),
+              "config": name, "batch_pairs": pairs, "seq_len": seq, "tokens_per_step": tokens,
+              "moe_impl": cfg.moe_impl, "dtype": cfg.dtype, "attention_impl": cfg.attention_impl,
+              "remat": cfg.remat, "grouped_gemm": a.grouped_gemm, "steps": a.steps,
+              "warmup": a.warmup, "step_time_s": ours, "compile_s": compile_s,
+              "flops_per_token": fpt, "peak_flops": peak, "peak_source": peak_source,
+              "peak_memory_bytes": mem, "peak_memory_label": mem_label, "loss_step0": loss0}
+    log(f"ours: step {ours['median'] * 1e3:.1f} ms median (min {ours['min'] * 1e3:.1f}, max "
+        f"{ours['max'] * 1e3:.1f}) over {a.steps} steps after {a.warmup} warm-up; compile "
+        f"{compile_s:.1f} s; {tps:,.0f} tokens/s; step-0 loss {loss0:.5f}")
+    log(f"ours: peak memory {_gib(mem)} ({mem_label})")
+    log(f"MFU = tokens/s x FLOPs/token / peak = {tps:,.0f} x {fpt / 1e6:,.1f} MFLOP / "
+        f"{peak / 1e12:.4g} TFLOP/s = {100 * result['mfu']:.2f}%  [peak: {peak_source}]")
+    if ref is not None:
+        result.update(_compare(ref, tokens, fpt, peak, tps))
+    if ref_error is not None:
+        result["reference_error"] = ref_error
+    return result
+
+
+def _compare(ref: dict, tokens: int, fpt: float, peak: float, tps: float) -> dict:
+    """The reference's fields of the result, logged."""
+    r = spread(ref["step_times_s"])
+    ref_tps = tokens / r["median"]
+    log(f"reference (transformers {ref['transformers']} + torch {ref['torch']}, experts "
+        f"{ref['impl']}, {ref['device']}): step {r['median'] * 1e3:.1f} ms median (min "
+        f"{r['min'] * 1e3:.1f}, max {r['max'] * 1e3:.1f}); {ref_tps:,.0f} tokens/s; MFU "
+        f"{100 * ref_tps * fpt / peak:.2f}%; step-0 loss {ref['loss_step0']:.5f}")
+    log(f"reference: peak memory {_gib(ref['peak_memory_bytes'])} ({ref['peak_memory_label']})")
+    log(f"ratio ours / reference tokens/s = {tps / ref_tps:.3f}")
+    return {"reference_tokens_per_s": ref_tps, "ratio": tps / ref_tps,
+            "reference_mfu": ref_tps * fpt / peak, "reference_impl": ref["impl"],
+            "reference_device": ref["device"], "reference_step_time_s": r,
+            "reference_peak_memory_bytes": ref["peak_memory_bytes"],
+            "reference_peak_memory_label": ref["peak_memory_label"],
+            "reference_loss_step0": ref["loss_step0"], "reference_errors": ref["errors"],
+            "reference_torch_threads": ref["torch_threads"]}
+
+
+def measure_gemm(a: argparse.Namespace, device: jax.Device, name: str, cfg: MixtralConfig,
+                 pairs: int, seq: int) -> dict:
+    rows = bench_grouped_gemm(cfg, pairs, seq, pallas=a.grouped_gemm == "pallas")
+    for r in rows:
+        bwd = f", backward {r['bwd_tflops']:.3f} TFLOP/s" if "bwd_tflops" in r else ""
+        log(f"{r['op']}: " + (r["error"] if "error" in r else
+                              f"forward {r['fwd_tflops']:.3f} TFLOP/s{bwd}"))
+    return {"device": f"{device.platform}:{device.device_kind}", "config": name, "gemm": rows,
+            **versions()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,66 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     device = jax.devices()[0]
     name, cfg = resolve_config(a.config, device.platform, a.moe_impl, a.dtype,
                                attention_impl=a.attention_impl, remat=a.remat)
-    pairs, seq = a.batch_pairs or default_shape(name)[0], a.seq_len or default_shape(name)[1]
-    if a.gemm:
-        rows = bench_grouped_gemm(cfg, pairs, seq)
-        for r in rows:
-            log(f"{r['op']}: {r['tflops']:.3f} TFLOP/s ({r['s'] * 1e3:.2f} ms)")
-        print(json.dumps({"device": device.device_kind, "config": name, "gemm": rows, **versions()}))
-        return 0
-    batch = make_batch(cfg.vocab_size, pairs, seq)
-    tokens = 2 * pairs * seq
-    fpt = flops_per_token(cfg, seq)
-    log(f"device {device.platform}:{device.device_kind}; config {name} (hidden {cfg.hidden_size}, "
-        f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, "
-        f"vocab {cfg.vocab_size}, {cfg.dtype}), moe_impl {cfg.moe_impl}, attention "
-        f"{cfg.attention_impl}, remat {cfg.remat}; {pairs} pairs x {seq} "
-        f"tokens = {tokens} tokens/step")
-
-    ref = None
-    if a.reference == "hf":
-        ref = run_reference(cfg, batch, a.steps, a.warmup, a.experts_impl, a.compile)
-        for err in ref["errors"]:
-            log(f"reference variant failed, fell back: {err}")
-
-    compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch)
-    times, loss0 = time_ours(compiled, state, device_batch, a.steps, a.warmup)
-    mem, mem_label = memory_report(device, compiled)
-    peak, peak_source = peak_flops(device, cfg.dtype, a.peak_tflops)
-
-    ours = spread(times)
-    tps = tokens / ours["median"]
-    mfu = tps * fpt / peak
-    log(f"ours: step {ours['median'] * 1e3:.1f} ms median (min {ours['min'] * 1e3:.1f}, max "
-        f"{ours['max'] * 1e3:.1f}) over {a.steps} steps after {a.warmup} warm-up; compile {compile_s:.1f} s")
-    log(f"ours: {tps:,.0f} tokens/s; step-0 loss {loss0:.5f}; peak memory {_gib(mem)} ({mem_label})")
-    log(f"MFU = tokens/s x FLOPs/token / peak = {tps:,.0f} x {fpt / 1e6:,.1f} MFLOP / "
-        f"{peak / 1e12:.4g} TFLOP/s = {100 * mfu:.2f}%  [peak: {peak_source}]")
-    result = {"tokens_per_s": tps, "mfu": mfu, "reference_tokens_per_s": None, "ratio": None,
-              "device": f"{device.platform}:{device.device_kind}", **versions(), "config": name,
-              "batch_pairs": pairs, "seq_len": seq, "tokens_per_step": tokens,
-              "moe_impl": cfg.moe_impl, "dtype": cfg.dtype, "attention_impl": cfg.attention_impl,
-              "remat": cfg.remat, "steps": a.steps, "warmup": a.warmup,
-              "step_time_s": ours, "compile_s": compile_s, "flops_per_token": fpt,
-              "peak_flops": peak, "peak_source": peak_source, "peak_memory_bytes": mem,
-              "peak_memory_label": mem_label, "loss_step0": loss0}
-    if ref is not None:
-        r = spread(ref["step_times_s"])
-        ref_tps = tokens / r["median"]
-        log(f"reference (transformers {ref['transformers']} + torch {ref['torch']}, experts "
-            f"{ref['impl']}, {ref['device']}): step {r['median'] * 1e3:.1f} ms median (min "
-            f"{r['min'] * 1e3:.1f}, max {r['max'] * 1e3:.1f}); {ref_tps:,.0f} tokens/s; MFU "
-            f"{100 * ref_tps * fpt / peak:.2f}%; step-0 loss {ref['loss_step0']:.5f}; peak memory "
-            f"{_gib(ref['peak_memory_bytes'])} ({ref['peak_memory_label']})")
-        log(f"ratio ours / reference tokens/s = {tps / ref_tps:.3f}")
-        result.update(reference_tokens_per_s=ref_tps, ratio=tps / ref_tps,
-                      reference_mfu=ref_tps * fpt / peak, reference_impl=ref["impl"],
-                      reference_device=ref["device"], reference_step_time_s=r,
-                      reference_peak_memory_bytes=ref["peak_memory_bytes"],
-                      reference_peak_memory_label=ref["peak_memory_label"],
-                      reference_loss_step0=ref["loss_step0"], reference_errors=ref["errors"])
+    pairs = a.batch_pairs or default_shape(name)[0]
+    seq = a.seq_len or default_shape(name)[1]
+    result = (measure_gemm if a.gemm else measure_step)(a, device, name, cfg, pairs, seq)
     print(json.dumps(result), flush=True)
-    return 0
+    return 1 if "reference_error" in result else 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import resource
@@ -30,14 +31,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from trl.experimental.orpo import ORPOTrainer
-
-import transformers  # noqa: E402
-from transformers import MixtralForCausalLM  # noqa: E402
+import transformers
+from transformers import MixtralForCausalLM
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERTS_IMPLS = ("grouped_mm", "eager", "batched_mm")
@@ -59,10 +54,11 @@ def build_model(cfg_dict: dict, device: str, experts_impl: str, weights: str | N
     dtype = TORCH_DTYPES[cfg_dict.get("dtype", "float32")]
     if weights:
         model = MixtralForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation="sdpa")
-    else:
+    else:  # built in place: a 2.4B model initialized on the host first takes minutes
         torch.manual_seed(seed)
-        model = MixtralForCausalLM(hf_config(cfg_dict)).to(dtype)
-        model.config._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = MixtralForCausalLM._from_config(hf_config(cfg_dict), dtype=dtype,
+                                                    attn_implementation="sdpa")
     model.set_experts_implementation(experts_impl)
     return model.to(device).train()
 
@@ -71,8 +67,18 @@ def torch_batch(batch: dict[str, np.ndarray], device: str) -> dict[str, torch.Te
     return {k: torch.as_tensor(np.asarray(v), dtype=torch.long, device=device) for k, v in batch.items()}
 
 
+def _orpo_trainer_class():
+    """TRL's ORPOTrainer (its experimental-API warning silenced)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.orpo import ORPOTrainer
+    return ORPOTrainer
+
+
 def _trl_trainer(model: MixtralForCausalLM, beta: float, device: str) -> SimpleNamespace:
     """Just enough of an ORPOTrainer for its loss methods (as TRL's trainer sets these fields)."""
+    ORPOTrainer = _orpo_trainer_class()
     trainer = SimpleNamespace(
         beta=beta,
         accelerator=SimpleNamespace(device=torch.device(device)),
@@ -159,14 +165,16 @@ def run(cfg_dict: dict, batch_np: dict[str, np.ndarray], *, steps: int, warmup: 
     for impl in impls:
         for comp in compiles:
             name = impl + ("+compile" if comp else "")
-            model = None
+            model = step = None
             try:
                 model = build_model(cfg_dict, device, impl, weights)
                 step = make_step(model, beta=beta, lr=lr, compile=comp)
                 times, loss0 = time_steps(step, batch, device, steps, warmup)
-            except Exception as e:  # noqa: BLE001 - any failure means "try the next variant"
+            except Exception as e:  # any failure means "try the next variant"
                 errors.append(f"{name}: {type(e).__name__}: {str(e)[:300]}")
-                del model
+                model = step = None  # free the failed variant's weights and optimizer state
+                torch._dynamo.reset()
+                gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 continue

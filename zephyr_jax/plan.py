@@ -9,8 +9,13 @@ model plans on a laptop. Other `--key value` pairs override the training config 
 `python -m zephyr_jax.train`. The last line printed is JSON (`per_device_total_gib`,
 `flops_per_step`, `devices`, the memory breakdown, ...).
 
-Memory is XLA:CPU's buffer assignment of the per-device SPMD program: a close proxy for the
-GPU build, not the same program (GPU fuses differently, cuDNN attention needs no [T, S] scores).
+Memory is XLA:CPU's buffer assignment of the per-device SPMD program (arguments + outputs -
+donated aliases + temporaries): a proxy for the GPU build, not the same program. It errs high:
+XLA:CPU computes bf16 dots in float32 and hoists float32 copies of whole [layers, ...] weight
+stacks out of the layer loop; `--without_cpu_hoisting` also reports the step compiled without
+that hoisting. FLOPs: the analytic model count (6 x active params x tokens + attention) drives
+the projection; the compiled program's own dot count (loops times their trip counts) shows what
+the hardware will execute. A mesh size of -1 needs `--devices N` (and `--mesh=-1x8`).
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ def resolve_model_config(cfg):
         raise ConfigError(f"model_name_or_path: {path!r} is not a local folder with config.json and "
                           f"no preset matches it (known Hub ids: {sorted(HUB_PRESETS)}); pass "
                           "--model_name_or_path null --model_preset NAME")
-    # as `pretrained.load_params` would build it from the Hub's config.json
+    # what the trainer builds from the Hub's config.json: MixtralConfig.from_hf + runtime overrides
     hf = MixtralConfig.preset(preset).to_hf()
     return (MixtralConfig.from_hf(hf, **cfg.runtime_overrides()),
             f"{path} is not a local folder: using preset configs/model/{preset}.yaml "
@@ -123,8 +128,7 @@ def analytic_flops(model_cfg, sequences: int, length: int) -> dict:
     tokens = sequences * length
     dense = 6 * n_matmul * tokens
     attn = 12 * c.num_hidden_layers * sequences * length**2 * c.num_attention_heads * c.kv_head_dim
-    recompute = 2 * n_matmul * tokens + 4 * c.num_hidden_layers * sequences * length**2 \
-        * c.num_attention_heads * c.kv_head_dim if c.remat == "full" else 0
+    recompute = (dense + attn) // 3 if c.remat == "full" else 0  # one more forward
     return {"matmul_params": n_matmul, "tokens": tokens, "dense": dense, "attention": attn,
             "model_flops": dense + attn, "with_remat": dense + attn + recompute}
 

@@ -20,19 +20,46 @@ FORMATS = ("hf", "orbax")
 
 
 def from_pretrained(path: str | os.PathLike, **runtime: Any) -> Mixtral:
-    """Load a Mixtral from a HF folder, a model checkpoint or a trainer output_dir.
+    """Load a Mixtral from a HF folder or Hub id, a model checkpoint or a trainer output_dir.
 
     `runtime` sets our runtime fields, e.g. `dtype="bfloat16", moe_impl="dense"`. Parameters take
     `param_dtype` (float32 unless given; orbax checkpoints are cast while restoring).
     """
+    return model_from_params(*load_params(path, **runtime))
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+    """A local folder as is; otherwise a Hugging Face Hub id, downloaded (config, safetensors,
+    tokenizer files only: never pickles)."""
     path = os.fspath(path)
+    if os.path.exists(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
+                                                       "*.jinja"])
+    except Exception as e:  # offline, unknown repo, gated: say which and why
+        raise FileNotFoundError(f"{path}: not a local folder, and fetching it from the Hugging "
+                                f"Face Hub failed ({type(e).__name__}: {e})") from None
+
+
+def load_params(path: str | os.PathLike, shardings=None, **runtime: Any) -> tuple[MixtralConfig, dict]:
+    """(config, params) from any supported format. With `shardings` (a params-shaped tree of
+    shardings), orbax checkpoints restore each parameter straight onto its devices; HF folders
+    are read on the host, then placed."""
+    path = resolve_path(path)
+    runtime.setdefault("param_dtype", "float32")
     if os.path.isdir(path) and not _has_hf_weights(path):
-        runtime.setdefault("param_dtype", "float32")
-        cfg, params = mc.load_model_checkpoint(path, dtype=runtime["param_dtype"], **runtime)
-        return model_from_params(cfg, params)
+        return mc.load_model_checkpoint(path, shardings=shardings, dtype=runtime["param_dtype"],
+                                        **runtime)
     cfg = MixtralConfig.from_hf(path, **runtime)
     cfg, params = load_hf_params(path, cfg)
-    return model_from_params(cfg, params)
+    if shardings is not None:
+        import jax
+
+        params = jax.device_put(params, shardings)
+    return cfg, params
 
 
 def _has_hf_weights(path: str) -> bool:

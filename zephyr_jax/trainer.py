@@ -21,7 +21,7 @@ from flax import nnx
 from zephyr_jax import data as zdata
 from zephyr_jax import sharding
 from zephyr_jax.config import ConfigError, MixtralConfig
-from zephyr_jax.distributed import maybe_initialize
+from zephyr_jax.distributed import any_process, barrier, maybe_initialize
 from zephyr_jax.logging_utils import RunLogger
 from zephyr_jax.model import Mixtral, params_dict
 from zephyr_jax.optim import make_optimizer, make_schedule
@@ -34,15 +34,28 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, bad data); the message says where."""
 
 
-def build_model(cfg: TrainConfig) -> tuple[MixtralConfig, dict]:
-    """Pretrained weights (HF folder, our checkpoint, trainer output) or a seeded random init."""
+def build_model_config(cfg: TrainConfig) -> MixtralConfig:
+    """The model's config alone (config.json of a pretrained model, or the preset): enough to
+    plan the mesh before any weight is read."""
+    if cfg.model_name_or_path:
+        from zephyr_jax.pretrained import resolve_path
+
+        return MixtralConfig.from_hf(resolve_path(cfg.model_name_or_path), **cfg.runtime_overrides())
+    return cfg.model_config()
+
+
+def build_params(cfg: TrainConfig, model_cfg: MixtralConfig, shardings) -> dict:
+    """Pretrained weights (HF folder or Hub id, our checkpoint, a trainer output_dir), restored
+    onto `shardings`, or a seeded random init computed directly sharded."""
     if cfg.model_name_or_path:
         from zephyr_jax.pretrained import load_params
 
-        return load_params(cfg.model_name_or_path, **cfg.runtime_overrides())
-    model_cfg = cfg.model_config()
-    model = Mixtral(model_cfg, rngs=nnx.Rngs(params=cfg.seed))
-    return model_cfg, params_dict(model)
+        _, params = load_params(cfg.model_name_or_path, shardings=shardings,
+                                **cfg.runtime_overrides())
+        return params
+    init = jax.jit(lambda: params_dict(Mixtral(model_cfg, rngs=nnx.Rngs(params=cfg.seed))),
+                   out_shardings=shardings)
+    return init()
 
 
 def _tokenizer_source(cfg: TrainConfig) -> str | None:
@@ -164,12 +177,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     process_index, process_count = jax.process_index(), jax.process_count()
     n_devices = jax.device_count()
 
-    model_cfg, params = build_model(cfg)
+    model_cfg = build_model_config(cfg)
     micro_batch = cfg.per_device_train_batch_size * n_devices  # global pairs per micro-batch
     accum = cfg.gradient_accumulation_steps
     if micro_batch % process_count:
         raise ConfigError(f"per_device_train_batch_size * devices = {micro_batch} is not divisible "
                           f"by the {process_count} processes")
+    if process_count > 1 and cfg.export_hf and cfg.save_strategy == "no":
+        raise ConfigError("export_hf: on several processes the export streams the final "
+                          "checkpoint; set save_strategy to steps or epoch")
     # every check that can fail does so before data loading and compiles
     mesh, rules, p_shard = mesh_and_shardings(cfg, model_cfg, micro_batch)
 
@@ -188,20 +204,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     schedule, tx = make_tx(cfg, total_steps)
 
+    abstract_params = jax.eval_shape(
+        lambda: params_dict(Mixtral(model_cfg, rngs=nnx.Rngs(params=cfg.seed))))
     with sharding.use_mesh(mesh, rules):  # the MoE picks expert parallelism at trace time
         abstract_state, s_shard, train_step, eval_step = sharded_steps(
-            cfg, model_cfg, params, tx, schedule, mesh, p_shard)
+            cfg, model_cfg, abstract_params, tx, schedule, mesh, p_shard)
         ckpt = TrainCheckpointer(cfg.output_dir, cfg.save_total_limit)
         resumed = ckpt.latest_step()
         if resumed is not None:
             target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                   abstract_state, s_shard)
-            del params
-            state, meta = ckpt.restore(target)
-            loader.set_state(meta["data_state"])
+            state, meta = ckpt.restore(target)  # no weights are read from the base model
+            # process 0 wrote the meta; every process stands at the same step of its own shard
+            data_state = meta["data_state"]
+            loader.set_state({**data_state, "config": {**data_state["config"],
+                                                       "shard_index": process_index}})
             print(f"[train] resumed from {ckpt.directory}/{resumed}", flush=True)
         else:
-            params = jax.device_put(params, p_shard)
+            params = build_params(cfg, model_cfg, p_shard)
             state = jax.jit(lambda p: create_train_state(p, tx), out_shardings=s_shard)(params)
             del params
         return _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_step,
@@ -256,13 +276,13 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
                 ckpt.save(state, save_meta())
             if cfg.save_strategy == "epoch" and step % steps_per_epoch == 0:
                 ckpt.save(state, save_meta())
-            if stop.signal is not None:
+            if any_process(stop.signal is not None):  # all hosts stop at the same step
                 ckpt.save(state, save_meta())
                 progress.close()
                 logger.close()
                 ckpt.close()
-                print(f"[train] signal {stop.signal}: saved step {step} to {ckpt.directory}; "
-                      "run the same command again to resume", flush=True)
+                print(f"[train] signal {stop.signal or 'on another process'}: saved step {step} "
+                      f"to {ckpt.directory}; run the same command again to resume", flush=True)
                 return {"stopped_by_signal": stop.signal, "step": step}
     progress.close()
     final = dict(last_logged)
@@ -275,16 +295,46 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
         ckpt.save(state, save_meta())
     logger.close()
     ckpt.close()
-    if cfg.export_hf and process_index == 0:
-        from zephyr_jax.pretrained import save_pretrained
-
-        export_dir = os.path.join(cfg.output_dir, "hf")
-        save_pretrained(jax.device_get(state.params), export_dir, config=model_cfg, format="hf",
-                        tokenizer=tokenizer, overwrite=True)
-        print(f"[train] exported Hugging Face model to {export_dir}", flush=True)
+    if cfg.export_hf:
+        export_dir = _export_hf(cfg, model_cfg, state, tokenizer, process_index, process_count)
+        if process_index == 0:
+            print(f"[train] exported Hugging Face model to {export_dir}", flush=True)
     final["train_runtime"] = time.time() - t_start
     final["step"] = step
     return final
+
+
+def _export_hf(cfg, model_cfg, state, tokenizer, process_index: int, process_count: int) -> str:
+    """`output_dir/hf`. One process: from the params in memory. Several: the params span hosts,
+    so process 0 streams the final checkpoint (which all of them wrote) layer by layer in a
+    single-process CPU subprocess (`zephyr_jax.convert`), while the others wait."""
+    export_dir = os.path.join(cfg.output_dir, "hf")
+    if process_count == 1:
+        from zephyr_jax.pretrained import save_pretrained
+
+        save_pretrained(jax.device_get(state.params), export_dir, config=model_cfg, format="hf",
+                        tokenizer=tokenizer, overwrite=True)
+        return export_dir
+    failed = None
+    if process_index == 0:
+        import subprocess
+        import tempfile
+
+        from zephyr_jax.model_checkpoint import save_tokenizer
+
+        with tempfile.TemporaryDirectory(dir=cfg.output_dir) as tok_dir:
+            save_tokenizer(tokenizer, tok_dir)
+            env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the accelerators belong to this run
+            proc = subprocess.run([sys.executable, "-m", "zephyr_jax.convert", "jax-to-hf",
+                                   "--ckpt", cfg.output_dir, "--out", export_dir, "--tokenizer",
+                                   tok_dir, "--overwrite", "--quiet"], env=env)
+        if proc.returncode:
+            failed = (f"export_hf: `python -m zephyr_jax.convert jax-to-hf --ckpt {cfg.output_dir}"
+                      f" --out {export_dir}` failed (exit {proc.returncode}); the checkpoint is intact")
+    barrier("export_hf")  # after the failure check: the other hosts must not wait forever
+    if failed:
+        raise TrainingError(failed)
+    return export_dir
 
 
 def _write_run_files(cfg: TrainConfig, model_cfg: MixtralConfig) -> None:
@@ -309,4 +359,4 @@ def main_guard(fn, *args) -> int:
     return 0
 
 
-__all__ = ["TrainState", "TrainingError", "build_model", "evaluate", "train"]
+__all__ = ["TrainState", "TrainingError", "build_model_config", "build_params", "evaluate", "train"]

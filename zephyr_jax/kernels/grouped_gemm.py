@@ -145,7 +145,7 @@ def _gmm(lhs_MC, rhs, group_sizes_G, tiles: Tiles, *, transpose_rhs: bool):
     """out[r] = lhs[r] @ rhs[g(r)] (rhs [G, C, O]), or lhs[r] @ rhs[g(r)]^T (rhs [G, O, C])."""
     M, C = lhs_MC.shape
     G = rhs.shape[0]
-    O = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    n_out = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     bm = tiles.bm
     bc, bo = (tiles.bn, tiles.bk) if transpose_rhs else (tiles.bk, tiles.bn)
     starts, ends = group_bounds(group_sizes_G, M)
@@ -175,8 +175,8 @@ def _gmm(lhs_MC, rhs, group_sizes_G, tiles: Tiles, *, transpose_rhs: bool):
 
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((M, O), lhs_MC.dtype),
-        grid=(group_T.shape[0], O // bo),
+        out_shape=jax.ShapeDtypeStruct((M, n_out), lhs_MC.dtype),
+        grid=(group_T.shape[0], n_out // bo),
         compiler_params=_compiler_params(tiles),
         interpret=tiles.interpret,
         name="gmm_t" if transpose_rhs else "gmm",
