@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 import zephyr_jax
 from zephyr_jax.chat import load_chat_tokenizer, main
 from zephyr_jax.data import ZEPHYR_CHAT_TEMPLATE
-from zephyr_jax.generate import chat_prompt_ids, generate, generate_ids, stream_generate
+from zephyr_jax.generation import chat_prompt_ids, generate, generate_ids, stream_generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 128

@@ -11,8 +11,8 @@ import torch
 import transformers
 
 import zephyr_jax
-from zephyr_jax import generate as gen
-from zephyr_jax.generate import generate_ids, stream_ids, top_k_top_p_filter
+from zephyr_jax import generation as gen
+from zephyr_jax.generation import generate_ids, stream_ids, top_k_top_p_filter
 
 # Different lengths so the batch is left-padded; all start with BOS (1), none contain pad (0).
 PROMPTS = [[1, 5, 9, 33, 17, 80, 4, 11, 3], [1, 7, 100], [1, 64, 22, 90, 12]]

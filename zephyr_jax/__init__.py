@@ -7,7 +7,7 @@
 """
 
 from zephyr_jax.config import ConfigError, MixtralConfig
-from zephyr_jax.generate import chat_prompt_ids, generate, generate_ids, stream_generate
+from zephyr_jax.generation import chat_prompt_ids, generate, generate_ids, stream_generate
 from zephyr_jax.model import (
     KVCache,
     Mixtral,

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, TextIO
 
-from zephyr_jax.generate import generate, stream_generate
+from zephyr_jax.generation import generate, stream_generate
 from zephyr_jax.pretrained import from_pretrained
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
