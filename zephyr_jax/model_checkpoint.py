@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from zephyr_jax.config import MixtralConfig
-from zephyr_jax.model.mixtral import LAYER_PARAMS, layer_param_shapes
+from zephyr_jax.model.mixtral import LAYER_PARAMS, flatten_params, layer_param_shapes
 
 CONFIG_FILE = "config.json"
 PARAMS_ITEM = "params"
@@ -57,14 +57,7 @@ def param_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+flatten = flatten_params  # {'layers': {'wq': x}} -> {'layers/wq': x}
 
 
 def unflatten(flat: dict[str, Any]) -> dict:

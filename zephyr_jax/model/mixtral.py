@@ -248,12 +248,12 @@ def model_from_params(config: MixtralConfig, params: dict) -> Mixtral:
     expected = jax.tree.map(lambda x: (tuple(x.shape)), params_dict(model))
     got = jax.tree.map(lambda x: tuple(x.shape), params)
     if jax.tree.structure(expected) != jax.tree.structure(got):
-        raise ValueError(f"parameter names differ from the model's: expected {sorted(_flat(expected))}, "
-                         f"got {sorted(_flat(got))}")
+        raise ValueError(f"parameter names differ from the model's: expected {sorted(flatten_params(expected))}, "
+                         f"got {sorted(flatten_params(got))}")
     pdt = jnp.dtype(config.param_dtype)
-    for name, shape in _flat(expected).items():
-        if _flat(got)[name] != shape:
-            raise ValueError(f"parameter {name!r} has shape {_flat(got)[name]}, config implies {shape}")
+    for name, shape in flatten_params(expected).items():
+        if flatten_params(got)[name] != shape:
+            raise ValueError(f"parameter {name!r} has shape {flatten_params(got)[name]}, config implies {shape}")
     model.embed.value = jnp.asarray(params["embed"], pdt)
     model.final_norm.value = jnp.asarray(params["final_norm"], pdt)
     for k in model.layers:
@@ -263,11 +263,12 @@ def model_from_params(config: MixtralConfig, params: dict) -> Mixtral:
     return model
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flatten_params(tree: dict, prefix: str = "") -> dict:
+    """{'layers': {'wq': x}} -> {'layers/wq': x}: the names errors and checkpoints use."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
+            out.update(flatten_params(v, f"{prefix}{k}/"))
         else:
             out[f"{prefix}{k}"] = v
     return out
