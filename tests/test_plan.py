@@ -114,7 +114,7 @@ def test_cli_error_is_one_line_exit_2():
     assert proc.stderr.strip().startswith("error:") and "--devices" in proc.stderr
 
 
-@pytest.mark.slow
+# an acceptance test of the scale issue: in the default run
 def test_zephyr_141b_on_4x8_fits_80gib_h100():
     proc, r = _plan_cli("configs/zephyr-141b-orpo.yaml", "--mesh", "4x8", "--without_cpu_hoisting",
                         timeout=1800)

@@ -71,7 +71,7 @@ def test_8_devices_data2_expert4_matches_single_device():
     _check(result, expert_size=4, data_size=2)
 
 
-@pytest.mark.slow
+# an acceptance test of the scale issue: in the default run
 def test_32_devices_4x8_matches_single_device_with_remat():
     result = _run(32, "4x8", "ragged", remat="full")
     assert result["mesh"] == {"data": 4, "fsdp": 1, "expert": 8, "tensor": 1}
