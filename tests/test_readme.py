@@ -49,7 +49,13 @@ def test_readme_commands_in_a_fresh_venv(tmp_path):
                          text=True, timeout=3600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = repo / "outputs" / "demo"
-    assert (out / "metrics.jsonl").exists() and (out / "hf" / "config.json").exists()
+    assert (out / "hf" / "config.json").exists() and (out / "hf" / "tokenizer.json").exists()
+    assert list((out / "checkpoints").iterdir()) and list((out / "runs").glob("events.out.tfevents.*"))
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final_eval = [r for r in rows if "eval_rewards/accuracies" in r][-1]
+    assert final_eval["eval_rewards/accuracies"] > 0.65, final_eval  # held-out split
     install_only = test_cmd.split("&&")[0]
     run = subprocess.run(["bash", "-c", install_only], cwd=repo, env=env, capture_output=True,
                          text=True, timeout=3600)
