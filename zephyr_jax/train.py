@@ -17,6 +17,9 @@ from zephyr_jax.train_config import DEMO_CONFIG, load_train_config
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     path = argv.pop(0) if argv and not argv[0].startswith("--") else DEMO_CONFIG
     from zephyr_jax.trainer import main_guard, train
 
