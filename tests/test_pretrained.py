@@ -141,3 +141,24 @@ def test_not_a_checkpoint(tmp_path):
     os.remove(tmp_path / "config.json")
     with pytest.raises(mc.ModelCheckpointError, match="config.json"):
         mc.load_model_checkpoint(tmp_path)
+
+
+def test_hf_weights_take_param_dtype(tmp_path):
+    """HF files keep their dtype on disk; load_params casts to param_dtype like the orbax path."""
+    import torch
+    import transformers
+
+    from zephyr_jax.pretrained import load_params
+
+    hf_cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, num_local_experts=2)
+    transformers.MixtralForCausalLM(hf_cfg).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    _, p32 = load_params(tmp_path / "hf")
+    _, p16 = load_params(tmp_path / "hf", param_dtype="bfloat16")
+    import jax
+
+    assert {str(x.dtype) for x in jax.tree.leaves(p32)} == {"float32"}
+    assert {str(x.dtype) for x in jax.tree.leaves(p16)} == {"bfloat16"}
+    for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16), strict=True):
+        assert (a.astype("bfloat16") == b).all()  # bf16 -> f32 is exact

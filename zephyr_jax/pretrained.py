@@ -53,11 +53,16 @@ def load_params(path: str | os.PathLike, shardings=None, **runtime: Any) -> tupl
     if os.path.isdir(path) and not _has_hf_weights(path):
         return mc.load_model_checkpoint(path, shardings=shardings, dtype=runtime["param_dtype"],
                                         **runtime)
+    import jax
+    import jax.numpy as jnp
+
     cfg = MixtralConfig.from_hf(path, **runtime)
     cfg, params = load_hf_params(path, cfg)
+    # HF files keep their stored dtype; cast to param_dtype as the orbax path does, so a run that
+    # starts from HF weights and one resumed from its checkpoint compile the same step.
+    pdt = jnp.dtype(cfg.param_dtype)
+    params = jax.tree.map(lambda x: x if x.dtype == pdt else x.astype(pdt), params)
     if shardings is not None:
-        import jax
-
         params = jax.device_put(params, shardings)
     return cfg, params
 

@@ -77,9 +77,9 @@ class TrainConfig:
     mesh: dict = dataclasses.field(default_factory=dict)
     sharding_rules: tuple | None = None
     distributed: dict = dataclasses.field(default_factory=dict)
+    do_eval: bool = True  # false: no evaluation, whatever eval_strategy says
     # --- accepted for recipe compatibility, no effect here ---
     bf16: bool = True
-    do_eval: bool = True
     log_level: str = "info"
     hub_model_id: str | None = None
     push_to_hub: bool = False

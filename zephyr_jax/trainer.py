@@ -246,7 +246,8 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
     logger = RunLogger(cfg.output_dir, report_to=cfg.report_to, logging_steps=cfg.logging_steps,
                        resume_step=int(state.step) if resumed is not None else None)
     # HF: eval_steps defaults to logging_steps
-    eval_every = (cfg.eval_steps or cfg.logging_steps) if cfg.eval_strategy == "steps" else None
+    eval_every = ((cfg.eval_steps or cfg.logging_steps)
+                  if cfg.eval_strategy == "steps" and cfg.do_eval else None)
     step, window, last_logged = int(state.step), [], {}
     progress = logger.progress(total=total_steps, initial=step)
     with _StopFlag() as stop:
@@ -286,7 +287,7 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
                 return {"stopped_by_signal": stop.signal, "step": step}
     progress.close()
     final = dict(last_logged)
-    if eval_examples is not None and cfg.eval_strategy != "no":
+    if eval_examples is not None and cfg.eval_strategy != "no" and cfg.do_eval:
         ev = evaluate(eval_step, state.params, eval_examples, cfg.per_device_eval_batch_size * n_devices,
                       cfg.max_length, tokenizer.pad_token_id, to_global, process_index, process_count)
         logger.log(step, ev)
