@@ -234,7 +234,5 @@ _RUNTIME_FIELDS = frozenset(
     {"dtype", "param_dtype", "moe_impl", "moe_capacity_factor", "remat", "attention_impl"}
 )
 
-# configs/ lives at the repository root; installed wheels carry a copy inside the package.
-_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-_PKG_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-CONFIG_DIR = _REPO_CONFIGS if os.path.isdir(_REPO_CONFIGS) else _PKG_CONFIGS
+# Presets live in the repository's configs/ (the package is installed editable, as the README says).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
