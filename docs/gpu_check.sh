@@ -1,37 +1,45 @@
 #!/usr/bin/env bash
-# The GPU measurements docs/PERFORMANCE.md lists as "not yet measured": one prepared run, < 10 min.
+# Every GPU measurement docs/PERFORMANCE.md lists as "not yet measured": one prepared run, < 10 min.
 #
-# 1. Here (any machine with pip and the internet, in the repository root), once: fetch the few wheels
-#    the GPU image lacks (TRL, for the reference loss, and what it imports: datasets, dill,
-#    multiprocess; ~2 MB) into .whl/, which git ignores:
+# 1. Here (any machine with pip and the internet, in the repository root), once: fetch the wheels
+#    the GPU image lacks into .whl/ (git ignores it; ~9 MB): TRL for the reference loss (and
+#    datasets, dill, multiprocess), tokamax 0.0.17 for moe_impl=tokamax (and einshape, pydantic,
+#    pydantic-core, annotated-types, typing-inspection, typing-extensions, qwix, immutabledict,
+#    tensorboardX):
 #        bash docs/gpu_check.sh prepare
 # 2. On the GPU machine (the device tool: carry [".whl"], timeout_s 600):
 #        bash docs/gpu_check.sh run
-#    Every result is a JSON line in $OUT (default ./gpu_check_out): step_*.json, gemm.json, and
-#    the full log gpu_check.log. Steps run in priority order, each under its own time cap and all
-#    within BUDGET_S (default 570 s), so a slow or failing step still leaves the others' results.
-#    Smoke test of the script on a CPU (tiny model, seconds):
+#    Every result is a JSON line in $OUT (default ./gpu_check_out): gemm.json, step.json,
+#    attention.json, and the full log gpu_check.log. Steps run in priority order, each under its
+#    own time cap and all within BUDGET_S (default 570 s), so a slow or failing step still leaves
+#    the others' results. Smoke test of the script on a CPU (tiny model, ~2 minutes):
 #        CONFIG=tiny BENCH_ARGS="--batch-pairs 1 --seq-len 32 --steps 2 --warmup 1" \
-#            bash docs/gpu_check.sh run
+#            STEP_IMPLS=scan,dense ATTENTION=xla bash docs/gpu_check.sh run
 #
 # What it measures (bench model: configs/model/bench.yaml, 4 pairs x 2048 tokens, bf16):
-#   gemm        expert grouped GEMM, 32,768 rows 2048 -> 5632, 8 experts: dense matmul of the same
-#               FLOPs, batched einsum, jax.lax.ragged_dot, and our Pallas kernel (4 tile configs),
-#               forward and backward (dx, dw)
-#   step_ragged our ORPO step (ragged dispatch, cuDNN attention) and, in the same invocation,
-#               transformers + PyTorch (grouped_mm experts, sdpa, torch.compile when it works):
-#               tokens/s, MFU, peak memory, ratio ours / reference
-#   step_pallas the same step of ours with the Pallas grouped GEMM in place of ragged_dot
-#   step_xla_attention, step_capacity   our step with XLA attention; with the capacity dispatch
+#   gemm       the expert grouped GEMM, 32,768 rows 2048 -> 5632, 8 experts: a dense matmul of the
+#              same FLOPs, the equal-capacity batched einsum, jax.lax.ragged_dot, our scan_gmm,
+#              our Pallas kernel at 6 tile configurations, tokamax's Mosaic ragged_dot; forward
+#              and backward (dx, dw) TFLOP/s and each one's error against ragged_dot on the GPU
+#   step       our ORPO step with cuDNN attention and each MoE implementation (pallas, tokamax,
+#              dense, ragged) against ONE transformers + PyTorch run in the same invocation
+#              (grouped_mm experts, sdpa, torch.compile when it works): tokens/s, MFU, peak
+#              memory, ratio ours / reference per implementation, step-0 loss and grad norm
+#   attention  our step (dense experts) with XLA attention and jax's dot_product_attention: their
+#              step-0 loss / grad norm against step's cuDNN one is the cuDNN correctness check
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
+WHEELS=(trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+        tokamax==0.0.17 einshape==1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
+        typing-inspection==0.4.5 typing-extensions==4.16.0 qwix==0.1.8 immutabledict==4.3.1
+        tensorboardx==2.6.5)
 
 prepare() {
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "${WHEELS[@]}"
 }
 
 run() {
@@ -43,17 +51,26 @@ run() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
+  # tokamax's benchmarking module imports xprof (a profiler, not used here) at import time; the
+  # image has none, so give it an empty one (as ../shared/bench/tokamax_gpu.py did)
+  if ! python3 -c "import xprof" 2>/dev/null; then
+    mkdir -p /tmp/site/xprof/cli
+    touch /tmp/site/xprof/__init__.py /tmp/site/xprof/cli/__init__.py
+    echo "get_kernel_stats_tool = None" > /tmp/site/xprof/cli/tools.py
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|orbax|torch |transformers|trl|triton) '
+    python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|orbax|torch |transformers|trl|triton|tokamax) '
+    python3 -c "from zephyr_jax.model import dispatch; print('tokamax importable:', dispatch.tokamax_available())"
   } 2>&1 | tee "$OUT/gpu_check.log"
 
   # in priority order: name, time cap (s), arguments
-  step step_ragged 330 --moe-impl ragged --attention-impl dot_product_attention --reference hf
-  step gemm 150 --gemm --grouped-gemm pallas
-  step step_pallas 150 --moe-impl ragged --attention-impl dot_product_attention --grouped-gemm pallas
-  step step_capacity 120 --moe-impl capacity --attention-impl dot_product_attention
-  step step_xla_attention 120 --moe-impl ragged
+  local att=${ATTENTION:-cudnn}
+  step gemm 120 --gemm
+  step step 330 --moe-impl "${STEP_IMPLS:-pallas,tokamax,dense,ragged}" --attention-impl "$att" \
+    --reference hf
+  step attention 110 --moe-impl dense --attention-impl xla,dot_product_attention
 }
 
 step() {

@@ -141,7 +141,7 @@ def _dispatch_checks(mesh, impls):
     from zephyr_jax.model import dispatch
     from zephyr_jax.model.expert_parallel import exchange_rows
 
-    dispatch_impls = sorted({*impls, "dense", "ragged"})
+    dispatch_impls = sorted({*impls, "dense", "ragged", "scan", "auto"})
 
     E, K, D, F = 8, 2, 16, 24
     shards = int(np.prod([mesh.shape[a] for a in zs.batch_axes(mesh)]))

@@ -60,7 +60,7 @@ def _rel_err(ours, ref, mask):
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("moe_impl", ["ragged", "dense"])
+@pytest.mark.parametrize("moe_impl", ["ragged", "dense", "scan"])
 def test_logits_and_aux_loss_match_transformers(tmp_path, name, padding_side, moe_impl):
     hf_model, path = _save_hf(tmp_path, name)
     model = zj.from_pretrained(path, moe_impl=moe_impl)
@@ -87,6 +87,46 @@ def test_attention_impls_and_sliding_window_match_transformers(tmp_path):
         assert _rel_err(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), ref, mask) <= 1e-4
 
 
+@pytest.mark.parametrize("sliding_window", [None, 3])
+def test_cudnn_attention_arguments_match_transformers(tmp_path, monkeypatch, sliding_window):
+    """attention_impl="cudnn" replaces the mask by is_causal + per-row lengths (+ a left window).
+    cuDNN itself needs a GPU; here jax's XLA implementation of dot_product_attention gets the very
+    arguments our cudnn path passes, so what is checked is that those arguments mean HF's mask on
+    right-padded rows, and that a row that is not right-padded comes out NaN instead of wrong."""
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def xla_for_cudnn(*args, implementation=None, **kwargs):
+        assert implementation == "cudnn" and kwargs["is_causal"] and "mask" not in kwargs
+        calls.append(kwargs)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_for_cudnn)
+    hf_model, path = _save_hf(tmp_path, "top2of4", sliding_window=sliding_window)
+    model = zj.from_pretrained(path, attention_impl="cudnn")
+    ids, mask = _batch(hf_model.config.vocab_size, "right")
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert _rel_err(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), ref, mask) <= 1e-4
+    assert calls and all(c["local_window_size"] == (None if sliding_window is None
+                                                   else (sliding_window - 1, 0)) for c in calls)
+    # a left-padded row is refused loudly: NaN logits for that row, the others untouched
+    ids_left, mask_left = _batch(hf_model.config.vocab_size, "left")
+    mixed = mask.copy()
+    mixed[1] = mask_left[1]
+    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mixed)))
+    assert np.isnan(logits[1]).all() and not np.isnan(logits[[0, 2]]).any()
+
+
+def test_right_padded_lengths():
+    from zephyr_jax.model.layers import right_padded_lengths
+
+    valid = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 1, 0], [1, 0, 1, 0]])
+    lengths, ok = right_padded_lengths(valid)
+    assert lengths.tolist() == [3, 4, 0, 2, 2]
+    assert ok.tolist() == [True, True, True, False, False]
+
+
 def test_aux_loss_without_mask_matches_transformers(tmp_path):
     hf_model, path = _save_hf(tmp_path, "top3of6_odd")
     ids, _ = _batch(hf_model.config.vocab_size, "right")
@@ -109,7 +149,7 @@ def _routing_case(seed=0, N=40, D=12, F=20, E=6, K=2):
     return x, idx, w, w1, w3, w2
 
 
-@pytest.mark.parametrize("impl", ["ragged", "capacity"])
+@pytest.mark.parametrize("impl", ["ragged", "scan", "pallas", "capacity"])
 def test_dispatch_paths_agree_forward_and_gradients(impl):
     x, idx, w, w1, w3, w2 = _routing_case()
     # capacity with room for every assignment is dropless, so it must agree too
@@ -140,7 +180,7 @@ def test_model_gradients_ragged_equal_dense():
     ids = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
     mask = jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
     grads = {}
-    for impl in ("dense", "ragged"):
+    for impl in ("dense", "ragged", "scan"):
         model = zj.Mixtral(cfg.replace(moe_impl=impl), rngs=nnx.Rngs(3))
 
         def loss(m):
@@ -149,9 +189,28 @@ def test_model_gradients_ragged_equal_dense():
 
         grads[impl] = nnx.state(nnx.grad(loss)(model), nnx.Param)
     flat_d = jax.tree.leaves(grads["dense"])
-    flat_r = jax.tree.leaves(grads["ragged"])
-    for gd, gr in zip(flat_d, flat_r, strict=True):
-        np.testing.assert_allclose(gr, gd, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(gd)) + 1e-30))
+    for impl in ("ragged", "scan"):
+        for gd, gr in zip(flat_d, jax.tree.leaves(grads[impl]), strict=True):
+            np.testing.assert_allclose(gr, gd, rtol=1e-5,
+                                       atol=1e-6 * float(jnp.max(jnp.abs(gd)) + 1e-30))
+
+
+def test_auto_moe_impl_is_chosen_per_platform():
+    """The default, "auto", is dropless everywhere: the matmul loop on CPU, tokamax or dense on
+    NVIDIA GPUs, XLA's ragged_dot on TPU; resolved at trace time from the devices in use."""
+    assert MixtralConfig.preset("tiny").moe_impl == "auto"
+    assert dispatch.auto_impl("cpu") == "scan"
+    assert dispatch.auto_impl("tpu") == "ragged"
+    gpu = "tokamax" if dispatch.tokamax_available() else "dense"
+    assert dispatch.auto_impl("gpu") == dispatch.auto_impl("cuda") == gpu
+    assert dispatch.auto_impl("rocm") == "dense"
+    assert dispatch.resolve("auto") == "scan"  # this machine
+    assert dispatch.resolve("ragged", "tpu") == "ragged"  # explicit choices are kept
+    # traced on this CPU, auto runs exactly what scan runs
+    x, idx, w, w1, w3, w2 = _routing_case()
+    y_auto, _ = jax.jit(dispatch.get_dispatch("auto"))(x, idx, w, w1, w3, w2)
+    y_scan, _ = jax.jit(dispatch.get_dispatch("scan"))(x, idx, w, w1, w3, w2)
+    np.testing.assert_array_equal(y_auto, y_scan)
 
 
 def test_remat_and_bf16_compute():

@@ -1,16 +1,17 @@
 """Time the full ORPO train step on one device, optionally against transformers + PyTorch.
 
-Example (on a CPU: the small model, 2 pairs x 256 tokens, against transformers; ~1-2 minutes):
+Example (on a CPU: the small model, 2 pairs x 256 tokens, three MoE implementations against one
+transformers run; ~2-3 minutes):
 
-    python -m zephyr_jax.bench --moe-impl ragged --steps 5 --warmup 2 --reference hf
+    python -m zephyr_jax.bench --moe-impl auto,ragged,dense --steps 5 --warmup 2 --reference hf
 
 On a GPU the defaults are PERF.md's bench model (configs/model/bench.yaml) and 4 pairs x 2048
 tokens. The step is the trainer's own: `make_train_step` + `make_optimizer` (AdamW, clipping),
 jitted with the state donated, the batch on the device, each step waited for with
 `block_until_ready`. `--reference hf` first runs `zephyr_jax.bench_reference` (transformers'
 MixtralForCausalLM, TRL's ORPO loss, torch AdamW) in a child process on the same config and batch.
-`--gemm` instead times the expert layer's grouped GEMM (`ragged_dot`, forward and backward) against
-a dense matmul of the same FLOPs and the equal-capacity batched einsum.
+`--gemm` instead times the expert layer's grouped GEMMs (each implementation, forward and backward)
+against a dense matmul of the same FLOPs and the equal-capacity batched einsum.
 
 Human-readable lines go first; the last stdout line is one JSON object.
 """
@@ -18,7 +19,6 @@ Human-readable lines go first; the last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -141,23 +141,6 @@ def _timed(fn) -> float:
 # ----------------------------------------------------------------------------- our step
 
 
-@contextlib.contextmanager
-def grouped_gemm(kind: str):
-    """With "pallas", moe_impl="ragged" runs `zephyr_jax.kernels.ragged_dispatch` (Pallas grouped
-    GEMM) instead of `jax.lax.ragged_dot`: a bench-only switch until it is registered as a dispatch."""
-    if kind == "xla":
-        yield
-        return
-    from zephyr_jax.kernels import ragged_dispatch
-
-    saved = dispatch.DISPATCH["ragged"]
-    dispatch.DISPATCH["ragged"] = ragged_dispatch
-    try:
-        yield
-    finally:
-        dispatch.DISPATCH["ragged"] = saved
-
-
 def init_params(cfg: MixtralConfig, seed: int = 0) -> dict:
     return params_dict(Mixtral(cfg, rngs=nnx.Rngs(seed)))
 
@@ -180,9 +163,10 @@ def build_step(cfg: MixtralConfig, params: dict, batch: dict[str, np.ndarray], *
     return compiled, state, device_batch, time.perf_counter() - t0
 
 
-def time_ours(compiled, state, device_batch, steps: int, warmup: int) -> tuple[list[float], float]:
-    """Per-step wall times after `warmup` steps (each waited for), and the step-0 loss."""
-    times, loss0 = [], None
+def time_ours(compiled, state, device_batch, steps: int,
+              warmup: int) -> tuple[list[float], float, float]:
+    """Per-step wall times after `warmup` steps (each waited for); step 0's loss and gradient norm."""
+    times, loss0, grad_norm0 = [], None, None
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         state, metrics = compiled(state, device_batch)
@@ -191,8 +175,8 @@ def time_ours(compiled, state, device_batch, steps: int, warmup: int) -> tuple[l
         if i >= warmup:
             times.append(dt)
         if loss0 is None:
-            loss0 = float(metrics["loss"])
-    return times, loss0
+            loss0, grad_norm0 = float(metrics["loss"]), float(metrics["grad_norm"])
+    return times, loss0, grad_norm0
 
 
 def memory_report(device: jax.Device, compiled) -> tuple[int, str]:
@@ -233,16 +217,24 @@ def run_reference(cfg: MixtralConfig, batch: dict[str, np.ndarray], steps: int, 
 
 
 # Pallas grouped-GEMM tile candidates (bm, bk, bn, num_warps, num_stages) tried by `--gemm` on a GPU.
-GMM_TILES = ((128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4))
+GMM_TILES = ((128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4),
+             (128, 128, 128, 8, 3), (256, 64, 128, 8, 3))
+# scan_gmm row-tile sizes tried: CPU, and larger tiles on accelerators
+SCAN_ROWS = {"cpu": (128, 256)}
+SCAN_ROWS_ACCEL = (256, 1024)
 
 
-def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, *, pallas: bool,
+def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: str, *,
                        repeats: int = 10) -> list[dict]:
-    """The expert layer's up-projection (rows routed to experts, hidden -> intermediate): XLA's
-    `jax.lax.ragged_dot` (and, with `pallas`, `zephyr_jax.kernels.gmm` at each of `GMM_TILES`),
-    forward and backward (dx, dw), against a dense matmul of the same FLOPs and the equal-capacity
-    batched einsum `[E, C, d] x [E, d, f]`: PERF.md's table, for this config. Backward rows time
-    the VJP alone (forward residuals precomputed), at twice the forward's FLOPs."""
+    """The expert layer's up-projection (rows routed to experts, hidden -> intermediate) through
+    every grouped GEMM this platform can run, forward and backward (dx, dw), against a dense matmul
+    of the same FLOPs and the equal-capacity batched einsum `[E, C, d] x [E, d, f]`: PERF.md's table
+    for this config. `jax.lax.ragged_dot`; `scan_gmm` at `SCAN_ROWS`; on a GPU our Pallas `gmm` at
+    each of `GMM_TILES` (off a GPU it is Pallas' interpreter, far too slow to time); tokamax's
+    Mosaic ragged_dot where installed. Backward rows time the VJP alone (forward residuals
+    precomputed), at twice the forward's FLOPs."""
+    from zephyr_jax.kernels import gmm, scan_gmm
+
     d, f, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
     M = 2 * pairs * seq_len * cfg.num_experts_per_tok
     M -= M % E
@@ -256,26 +248,38 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, *, pallas: 
     skewed = jnp.array([M - (E - 1) * r] + [r] * (E - 1), jnp.int32)
     flops = 2.0 * M * d * f
 
-    cases = [("dense_matmul_same_flops", lambda x, w: x @ w.reshape(E * d, f)[:d], True),
+    # (name, fn(x, w), time the backward too, group sizes for the error check or None)
+    cases = [("dense_matmul_same_flops", lambda x, w: x @ w.reshape(E * d, f)[:d], True, None),
              ("batched_einsum_capacity",
-              lambda x, w: jnp.einsum("ecd,edf->ecf", x.reshape(E, M // E, d), w), True),
-             ("ragged_dot", lambda x, w, s=even: jax.lax.ragged_dot(x, w, s), True),
-             ("ragged_dot_skewed", lambda x, w, s=skewed: jax.lax.ragged_dot(x, w, s), False)]
-    if pallas:
-        from zephyr_jax.kernels import gmm
-
+              lambda x, w: jnp.einsum("ecd,edf->ecf", x.reshape(E, M // E, d), w), True, None),
+             ("ragged_dot", lambda x, w: jax.lax.ragged_dot(x, w, even), True, None),
+             ("ragged_dot_skewed", lambda x, w: jax.lax.ragged_dot(x, w, skewed), False, None)]
+    for bm in SCAN_ROWS.get(platform, SCAN_ROWS_ACCEL):
+        cases.append((f"scan_gmm[bm={bm}]", lambda x, w, bm=bm: scan_gmm(x, w, even, bm=bm),
+                      True, even))
+    cases.append(("scan_gmm_skewed", lambda x, w: scan_gmm(x, w, skewed), False, skewed))
+    if platform == "gpu":
         for bm, bk, bn, nw, ns in GMM_TILES:
-            fn = (lambda x, w, t=(bm, bk, bn, nw, ns), s=even:
-                  gmm(x, w, s, bm=t[0], bk=t[1], bn=t[2], num_warps=t[3], num_stages=t[4]))
-            cases.append((f"pallas_gmm[{bm},{bk},{bn},w{nw},s{ns}]", fn, True))
-        cases.append(("pallas_gmm_skewed", lambda x, w, s=skewed: gmm(x, w, s), False))
+            fn = (lambda x, w, t=(bm, bk, bn, nw, ns):
+                  gmm(x, w, even, bm=t[0], bk=t[1], bn=t[2], num_warps=t[3], num_stages=t[4]))
+            cases.append((f"pallas_gmm[{bm},{bk},{bn},w{nw},s{ns}]", fn, True, even))
+        cases.append(("pallas_gmm_skewed", lambda x, w: gmm(x, w, skewed), False, skewed))
+    if dispatch.tokamax_available():
+        tokamax_dot = dispatch.GROUPED_MATMULS["tokamax"]
+        cases.append(("tokamax_mosaic", lambda x, w: tokamax_dot(x, w, even), True, even))
+        cases.append(("tokamax_mosaic_skewed", lambda x, w: tokamax_dot(x, w, skewed), False,
+                      skewed))
     base = {"rows": M, "d": d, "f": f, "experts": E, "dtype": cfg.dtype}
-    return [{"op": name, **base, **_time_case(fn, x, w, dy, flops, with_bwd, repeats)}
-            for name, fn, with_bwd in cases]
+    return [{"op": name, **base, **_time_case(fn, x, w, dy, flops, with_bwd, repeats, sizes)}
+            for name, fn, with_bwd, sizes in cases]
 
 
-def _time_case(fn, x, w, dy, flops: float, with_bwd: bool, repeats: int) -> dict:
-    """Best-of-`repeats` forward (and VJP) time of `fn(x, w)`; a failure is reported, not raised."""
+def _time_case(fn, x, w, dy, flops: float, with_bwd: bool, repeats: int, sizes=None) -> dict:
+    """Best-of-`repeats` forward (and VJP) time of `fn(x, w)`; a failure is reported, not raised.
+
+    For a grouped GEMM (`sizes` given) also its max relative error against `jax.lax.ragged_dot`
+    on the same groups: output, and with `with_bwd` dx and dw (a kernel's correctness on the
+    device it is timed on)."""
     row = {}
     try:
         fwd = jax.jit(fn)
@@ -287,9 +291,26 @@ def _time_case(fn, x, w, dy, flops: float, with_bwd: bool, repeats: int) -> dict
             g = dy.reshape(jax.eval_shape(fn, x, w).shape)
             row["bwd_s"] = _best_time(lambda: bwd(vjp_fn, g), repeats)
             row["bwd_tflops"] = 2 * flops / row["bwd_s"] / 1e12
+        if sizes is not None:
+            row.update(_errors_vs_ragged_dot(fn, x, w, dy, sizes, with_bwd))
     except Exception as e:  # a failing candidate (a kernel that does not build) is a result
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return row
+
+
+def _errors_vs_ragged_dot(fn, x, w, dy, sizes, with_bwd: bool) -> dict:
+    def rel(a, b):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+
+    y, vjp_fn = jax.jit(lambda x, w: jax.vjp(fn, x, w))(x, w)
+    y_ref, vjp_ref = jax.jit(lambda x, w: jax.vjp(
+        lambda x, w: jax.lax.ragged_dot(x, w, sizes), x, w))(x, w)
+    out = {"rel_err_vs_ragged_dot": rel(y, y_ref)}
+    if with_bwd:
+        (dx, dw), (dx_ref, dw_ref) = vjp_fn(dy), vjp_ref(dy)
+        out.update(dx_rel_err_vs_ragged_dot=rel(dx, dx_ref), dw_rel_err_vs_ragged_dot=rel(dw, dw_ref))
+    return out
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -331,37 +352,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
     p.add_argument("--batch-pairs", type=int, default=None, help="preference pairs per step")
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--moe-impl", choices=MOE_IMPLS, default=None, help="default: the config's")
+    p.add_argument("--moe-impl", default=None,
+                   help=f"one or a comma-separated list of {', '.join(MOE_IMPLS)}: each is timed "
+                        "in this run against the one reference (default: the config's, auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute and parameter dtype (default: the config's)")
-    p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
-                   help="default: the config's (xla); dot_product_attention uses cuDNN on GPU")
+    p.add_argument("--attention-impl", default=None,
+                   help=f"one or a comma-separated list of {', '.join(ATTENTION_IMPLS)} (cudnn: "
+                        "cuDNN flash attention, NVIDIA GPUs); with a --moe-impl list, every pair "
+                        "is timed (default: the config's, xla)")
     p.add_argument("--remat", choices=REMAT_POLICIES, default=None, help="default: the config's")
     p.add_argument("--peak-tflops", type=float, default=None, help="declare the MFU peak")
     p.add_argument("--experts-impl", default="auto", help="reference: grouped_mm | eager | auto")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="reference: torch.compile (auto: on CUDA only, eager if it fails)")
-    p.add_argument("--grouped-gemm", choices=("xla", "pallas"), default="xla",
-                   help="xla: jax.lax.ragged_dot; pallas: zephyr_jax.kernels.gmm (GPU; needs "
-                        "--moe-impl ragged for the step; with --gemm, adds the kernel's rows)")
     p.add_argument("--gemm", action="store_true", help="time the expert grouped GEMM instead")
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    if a.grouped_gemm == "pallas" and not a.gemm and a.moe_impl != "ragged":
-        p.error("--grouped-gemm pallas replaces ragged_dot: it needs --moe-impl ragged")
+    a.moe_impls = a.moe_impl.split(",") if a.moe_impl else []
+    a.attention_impls = a.attention_impl.split(",") if a.attention_impl else []
+    for flag, given, allowed in (("--moe-impl", a.moe_impls, MOE_IMPLS),
+                                 ("--attention-impl", a.attention_impls, ATTENTION_IMPLS)):
+        for impl in given:
+            if impl not in allowed:
+                p.error(f"{flag} {impl!r}: must be one of {', '.join(allowed)}")
     return a
 
 
 def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: MixtralConfig,
                  pairs: int, seq: int) -> dict:
-    """Our step (and, with `--reference hf`, the reference first): the result JSON's fields."""
+    """Our step for each of `a.moe_impls` (and, with `--reference hf`, the reference first, once):
+    the result JSON's fields. The top-level numbers are the first implementation's; `variants`
+    holds one entry per implementation (a failing one records its error and the rest still run)."""
     batch = make_batch(cfg.vocab_size, pairs, seq)
     tokens = 2 * pairs * seq
+    combos = [(m, att) for m in (a.moe_impls or [cfg.moe_impl])
+              for att in (a.attention_impls or [cfg.attention_impl])]
     log(f"device {device.platform}:{device.device_kind}; config {name} (hidden {cfg.hidden_size}, "
         f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-"
-        f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}, {cfg.dtype}); moe_impl {cfg.moe_impl}, "
-        f"attention {cfg.attention_impl}, remat {cfg.remat}, grouped GEMM {a.grouped_gemm}; "
+        f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}, {cfg.dtype}); (moe_impl, attention) "
+        f"{', '.join('/'.join(c) for c in combos)}; remat {cfg.remat}; "
         f"{pairs} pairs x {seq} tokens = {tokens} tokens/step")
     ref, ref_error = None, None
     if a.reference == "hf":
@@ -373,36 +404,63 @@ def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
         for err in (ref or {}).get("errors", []):
             log(f"reference variant failed, fell back: {err}")
 
-    with grouped_gemm(a.grouped_gemm):
-        compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch)
-    times, loss0 = time_ours(compiled, state, device_batch, a.steps, a.warmup)
-    mem, mem_label = memory_report(device, compiled)
     peak, peak_source = peak_flops(device, cfg.dtype, a.peak_tflops)
     fpt = flops_per_token(cfg, seq)
-    ours = spread(times)
-    tps = tokens / ours["median"]
-    result = {"tokens_per_s": tps, "mfu": tps * fpt / peak, "reference_tokens_per_s": None,
-              "ratio": None, "device": f"{device.platform}:{device.device_kind}", **versions(),
-              "config": name, "batch_pairs": pairs, "seq_len": seq, "tokens_per_step": tokens,
-              "moe_impl": cfg.moe_impl, "dtype": cfg.dtype, "attention_impl": cfg.attention_impl,
-              "remat": cfg.remat, "grouped_gemm": a.grouped_gemm, "steps": a.steps,
-              "warmup": a.warmup, "step_time_s": ours, "compile_s": compile_s,
-              "flops_per_token": fpt, "peak_flops": peak, "peak_source": peak_source,
-              "peak_memory_bytes": mem, "peak_memory_label": mem_label, "loss_step0": loss0}
-    log(f"ours: step {ours['median'] * 1e3:.1f} ms median (min {ours['min'] * 1e3:.1f}, max "
-        f"{ours['max'] * 1e3:.1f}) over {a.steps} steps after {a.warmup} warm-up; compile "
-        f"{compile_s:.1f} s; {tps:,.0f} tokens/s; step-0 loss {loss0:.5f}")
-    log(f"ours: peak memory {_gib(mem)} ({mem_label})")
-    log(f"MFU = tokens/s x FLOPs/token / peak = {tps:,.0f} x {fpt / 1e6:,.1f} MFLOP / "
-        f"{peak / 1e12:.4g} TFLOP/s = {100 * result['mfu']:.2f}%  [peak: {peak_source}]")
+    log(f"MFU = tokens/s x FLOPs/token / peak; FLOPs/token = {fpt / 1e6:,.1f} M (6 x active matmul "
+        f"params + 6 x layers x seq x hidden); peak {peak / 1e12:.4g} TFLOP/s [{peak_source}]")
+    variants = [_measure_variant(a, device, cfg.replace(moe_impl=m, attention_impl=att), batch,
+                                 tokens, fpt, peak) for m, att in combos]
+    ref_fields = {}
     if ref is not None:
-        result.update(_compare(ref, tokens, fpt, peak, tps))
+        ref_fields = _compare(ref, tokens, fpt, peak)
+        for v in variants:
+            if v.get("tokens_per_s"):
+                v["ratio"] = v["tokens_per_s"] / ref_fields["reference_tokens_per_s"]
+                log(f"ratio ours ({v['moe_impl']}, {v['attention_impl']}) / reference tokens/s = "
+                    f"{v['ratio']:.3f}")
+    first = variants[0]
+    result = {"tokens_per_s": first.get("tokens_per_s"), "mfu": first.get("mfu"),
+              "reference_tokens_per_s": ref_fields.get("reference_tokens_per_s"),
+              "ratio": first.get("ratio"), "device": f"{device.platform}:{device.device_kind}",
+              **versions(), "config": name, "batch_pairs": pairs, "seq_len": seq,
+              "tokens_per_step": tokens, **{k: v for k, v in first.items() if k != "ratio"},
+              "dtype": cfg.dtype, "remat": cfg.remat,
+              "steps": a.steps, "warmup": a.warmup, "flops_per_token": fpt, "peak_flops": peak,
+              "peak_source": peak_source, **ref_fields, "variants": variants}
     if ref_error is not None:
         result["reference_error"] = ref_error
     return result
 
 
-def _compare(ref: dict, tokens: int, fpt: float, peak: float, tps: float) -> dict:
+def _measure_variant(a: argparse.Namespace, device: jax.Device, cfg: MixtralConfig,
+                     batch: dict[str, np.ndarray], tokens: int, fpt: float, peak: float) -> dict:
+    """One implementation's step: fresh weights (the step donates its state), compile, time."""
+    out = {"moe_impl": cfg.moe_impl,
+           "moe_impl_resolved": dispatch.resolve(cfg.moe_impl, device.platform),
+           "attention_impl": cfg.attention_impl}
+    tag = out["moe_impl"] + (f" -> {out['moe_impl_resolved']}" if cfg.moe_impl == "auto" else "")
+    tag += f", attention {cfg.attention_impl}"
+    try:
+        compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch)
+        times, loss0, grad_norm0 = time_ours(compiled, state, device_batch, a.steps, a.warmup)
+        mem, mem_label = memory_report(device, compiled)
+    except Exception as e:  # a kernel that does not build here is a result, not the end of the run
+        out["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        log(f"ours ({tag}): failed: {out['error']}")
+        return out
+    ours = spread(times)
+    tps = tokens / ours["median"]
+    out.update(tokens_per_s=tps, mfu=tps * fpt / peak, step_time_s=ours, compile_s=compile_s,
+               peak_memory_bytes=mem, peak_memory_label=mem_label, loss_step0=loss0,
+               grad_norm_step0=grad_norm0)
+    log(f"ours ({tag}): step {ours['median'] * 1e3:.1f} ms median (min {ours['min'] * 1e3:.1f}, "
+        f"max {ours['max'] * 1e3:.1f}) over {a.steps} steps after {a.warmup} warm-up; compile "
+        f"{compile_s:.1f} s; {tps:,.0f} tokens/s; MFU {100 * out['mfu']:.2f}%; step-0 loss "
+        f"{loss0:.5f}, grad norm {grad_norm0:.5f}; peak memory {_gib(mem)} ({mem_label})")
+    return out
+
+
+def _compare(ref: dict, tokens: int, fpt: float, peak: float) -> dict:
     """The reference's fields of the result, logged."""
     r = spread(ref["step_times_s"])
     ref_tps = tokens / r["median"]
@@ -411,8 +469,7 @@ def _compare(ref: dict, tokens: int, fpt: float, peak: float, tps: float) -> dic
         f"{r['min'] * 1e3:.1f}, max {r['max'] * 1e3:.1f}); {ref_tps:,.0f} tokens/s; MFU "
         f"{100 * ref_tps * fpt / peak:.2f}%; step-0 loss {ref['loss_step0']:.5f}")
     log(f"reference: peak memory {_gib(ref['peak_memory_bytes'])} ({ref['peak_memory_label']})")
-    log(f"ratio ours / reference tokens/s = {tps / ref_tps:.3f}")
-    return {"reference_tokens_per_s": ref_tps, "ratio": tps / ref_tps,
+    return {"reference_tokens_per_s": ref_tps,
             "reference_mfu": ref_tps * fpt / peak, "reference_impl": ref["impl"],
             "reference_device": ref["device"], "reference_step_time_s": r,
             "reference_peak_memory_bytes": ref["peak_memory_bytes"],
@@ -423,11 +480,13 @@ def _compare(ref: dict, tokens: int, fpt: float, peak: float, tps: float) -> dic
 
 def measure_gemm(a: argparse.Namespace, device: jax.Device, name: str, cfg: MixtralConfig,
                  pairs: int, seq: int) -> dict:
-    rows = bench_grouped_gemm(cfg, pairs, seq, pallas=a.grouped_gemm == "pallas")
+    rows = bench_grouped_gemm(cfg, pairs, seq, device.platform)
     for r in rows:
         bwd = f", backward {r['bwd_tflops']:.3f} TFLOP/s" if "bwd_tflops" in r else ""
+        errs = ", ".join(f"{k.split('_vs_')[0]} {v:.1e}" for k, v in r.items() if "_vs_" in k)
+        errs = f" (vs ragged_dot: {errs})" if errs else ""
         log(f"{r['op']}: " + (r["error"] if "error" in r else
-                              f"forward {r['fwd_tflops']:.3f} TFLOP/s{bwd}"))
+                              f"forward {r['fwd_tflops']:.3f} TFLOP/s{bwd}{errs}"))
     return {"device": f"{device.platform}:{device.device_kind}", "config": name, "gemm": rows,
             **versions()}
 
@@ -437,13 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.reference == "hf":  # the child process needs GPU memory JAX would otherwise preallocate
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     device = jax.devices()[0]
-    name, cfg = resolve_config(a.config, device.platform, a.moe_impl, a.dtype,
-                               attention_impl=a.attention_impl, remat=a.remat)
+    impl0 = a.moe_impls[0] if a.moe_impls else None
+    name, cfg = resolve_config(a.config, device.platform, impl0, a.dtype,
+                               attention_impl=(a.attention_impls or [None])[0], remat=a.remat)
     pairs = a.batch_pairs or default_shape(name)[0]
     seq = a.seq_len or default_shape(name)[1]
     result = (measure_gemm if a.gemm else measure_step)(a, device, name, cfg, pairs, seq)
     print(json.dumps(result), flush=True)
-    return 1 if "reference_error" in result else 0
+    failed = "reference_error" in result or any("error" in v for v in result.get("variants", []))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-MOE_IMPLS = ("dense", "ragged", "capacity")
+MOE_IMPLS = ("auto", "dense", "ragged", "scan", "pallas", "tokamax", "capacity")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "dot_product_attention")
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # config.json keys that carry no architecture we model; accepted and dropped by `from_hf`.
@@ -71,7 +71,7 @@ class MixtralConfig:
     # --- runtime (ours; not in config.json) ---
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    moe_impl: str = "ragged"
+    moe_impl: str = "auto"  # per platform; see zephyr_jax.model.dispatch.auto_impl
     moe_capacity_factor: float = 1.25  # only for moe_impl="capacity"
     remat: str = "none"
     attention_impl: str = "xla"

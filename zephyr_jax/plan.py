@@ -229,6 +229,12 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
 
     t0 = time.perf_counter()
     model_cfg, model_note = resolve_model_config(cfg)
+    if model_cfg.moe_impl == "auto":
+        # the simulated devices are CPUs, the cluster is GPUs: plan the GPU's choice
+        from zephyr_jax.model.dispatch import auto_impl
+
+        model_cfg = model_cfg.replace(moe_impl=auto_impl("gpu"))
+        model_note += f"; moe_impl auto -> {model_cfg.moe_impl} (the GPU's choice)"
     devices = jax.device_count()
     global_batch = cfg.per_device_train_batch_size * devices  # pairs per micro-batch
     accum = cfg.gradient_accumulation_steps

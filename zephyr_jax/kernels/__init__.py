@@ -1,6 +1,12 @@
-"""Hand-written GPU kernels (Pallas, Triton lowering). Each has a pure-JAX oracle it is tested against
-on CPU in Pallas interpret mode; see the module docstrings."""
+"""Grouped GEMMs for the MoE expert layer, each equal to `jax.lax.ragged_dot` (forward and VJP):
 
-from zephyr_jax.kernels.grouped_gemm import gmm, ragged_dispatch
+- `gmm`: Pallas kernels lowered through Triton (NVIDIA GPUs; Pallas' interpreter elsewhere, which is
+  how the CPU tests check it);
+- `scan_gmm`: a loop of dense matmuls over (group, row tile) items (XLA:CPU, where `ragged_dot`
+  is slow).
+"""
 
-__all__ = ["gmm", "ragged_dispatch"]
+from zephyr_jax.kernels.grouped_gemm import gmm
+from zephyr_jax.kernels.scan_gmm import scan_gmm
+
+__all__ = ["gmm", "scan_gmm"]

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from zephyr_jax.kernels.tiling import group_bounds, match_varying, out_struct, work_items
+
 
 class Tiles(NamedTuple):
     """Block sizes (powers of two, >= 16 for Triton's dot) and Triton launch parameters."""
@@ -78,6 +80,7 @@ def gmm(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, bm: int 
         x_MK = jnp.pad(x_MK, ((0, Mp - M), (0, Kp - K)))
     if (Kp, Np) != (K, N):
         w_GKN = jnp.pad(w_GKN, ((0, 0), (0, Kp - K), (0, Np - N)))
+    x_MK, w_GKN = match_varying(x_MK, w_GKN)
     out = _gmm_vjp(x_MK, w_GKN, group_sizes_G.astype(jnp.int32), tiles)
     return out[:M, :N]
 
@@ -99,37 +102,6 @@ def _gmm_bwd(tiles, res, dy_MN):
 
 
 _gmm_vjp.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-# ----------------------------------------------------------------------------- metadata
-
-
-def group_bounds(group_sizes_G: jax.Array, M: int) -> tuple[jax.Array, jax.Array]:
-    """Row ranges [start, end) of G + 2 groups: the G real ones, the tail past their total (rows
-    that come out zero), and an empty one that spare work items point at."""
-    ends_G = jnp.cumsum(group_sizes_G)
-    total = ends_G[-1:]
-    m = jnp.full((1,), M, jnp.int32)
-    starts = jnp.concatenate([ends_G - group_sizes_G, total, m])
-    ends = jnp.concatenate([ends_G, m, m])
-    return starts.astype(jnp.int32), ends.astype(jnp.int32)
-
-
-def work_items(starts: jax.Array, ends: jax.Array, M: int, bm: int) -> tuple[jax.Array, jax.Array]:
-    """(group, row tile) of each of the M / bm + G work items of `_gmm`, in group order.
-
-    Group g covers aligned tiles first_g .. last_g - 1; spare items (past the real ones) get the
-    empty group G + 1 and tile 0.
-    """
-    n_groups = starts.shape[0]  # G + 2
-    n_items = M // bm + n_groups - 2
-    first = starts // bm
-    tiles = jnp.where(ends > starts, (ends + bm - 1) // bm - first, 0)
-    item_end = jnp.cumsum(tiles)
-    t = jnp.arange(n_items, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(item_end, t, side="right"), n_groups - 1).astype(jnp.int32)
-    tile = first[group] + t - (item_end - tiles)[group]
-    return group, jnp.where(group < n_groups - 1, tile, 0).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -175,7 +147,7 @@ def _gmm(lhs_MC, rhs, group_sizes_G, tiles: Tiles, *, transpose_rhs: bool):
 
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((M, n_out), lhs_MC.dtype),
+        out_shape=out_struct((M, n_out), lhs_MC.dtype, like=lhs_MC),
         grid=(group_T.shape[0], n_out // bo),
         compiler_params=_compiler_params(tiles),
         interpret=tiles.interpret,
@@ -211,7 +183,7 @@ def _tgmm(x_MK, dy_MN, group_sizes_G, tiles: Tiles):
 
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((G, K, N), x_MK.dtype),
+        out_shape=out_struct((G, K, N), x_MK.dtype, like=x_MK),
         grid=(G, K // bk, N // bn),
         in_specs=[pl.no_block_spec] * 4,
         out_specs=pl.BlockSpec((None, bk, bn), lambda g, kb, nb: (g, kb, nb)),
@@ -219,22 +191,3 @@ def _tgmm(x_MK, dy_MN, group_sizes_G, tiles: Tiles):
         interpret=tiles.interpret,
         name="tgmm",
     )(starts, ends, x_MK, dy_MN)
-
-
-# ----------------------------------------------------------------------------- MoE dispatch
-
-
-def ragged_dispatch(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=None):
-    """`zephyr_jax.model.dispatch.ragged` with `gmm` in place of `jax.lax.ragged_dot` (dropless).
-
-    Same signature and results as the registered dispatch implementations, so it can be registered
-    as one (see docs/PERFORMANCE.md).
-    """
-    from zephyr_jax.model.dispatch import _combine, _sort_by_expert, _swiglu
-
-    E = w1_EDF.shape[0]
-    order_M, token_M, group_sizes_E = _sort_by_expert(expert_NK, E)
-    xs_MD = x_ND[token_M]
-    h_MF = _swiglu(gmm(xs_MD, w1_EDF, group_sizes_E), gmm(xs_MD, w3_EDF, group_sizes_E))
-    out_MD = gmm(h_MF, w2_EFD, group_sizes_E)
-    return _combine(out_MD, order_M, weight_NK, x_ND.dtype), jnp.zeros((), jnp.int32)

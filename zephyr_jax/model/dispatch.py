@@ -5,11 +5,18 @@ One narrow interface, several implementations chosen by `MixtralConfig.moe_impl`
     dispatch(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor)
         -> (y_ND, dropped)
 
-`dropped` counts (token, expert) assignments that were not computed: always 0 for the dropless
-implementations ("dense", "ragged"). Weights are combined in float32, as HF does.
+- "dense": every expert on every token (the reference; E/k times the expert FLOPs);
+- grouped (dropless): sort the (token, expert) assignments by expert and run grouped GEMMs:
+  "ragged" (`jax.lax.ragged_dot`), "scan" (a matmul loop, the CPU path), "pallas" (our Triton
+  kernels, GPU), "tokamax" (tokamax's Mosaic-GPU ragged_dot, optional dependency);
+- "capacity": a fixed number of rows per expert and one batched einsum; drops what does not fit;
+- "auto" (the default): chosen per platform at trace time, see `auto_impl`.
 
-Expert ids >= E mean "no expert" (padding): "dense" and "ragged" give such rows zero output, which
-the expert-parallel path relies on for the empty slots of its exchange buffers.
+`dropped` counts (token, expert) assignments that were not computed: always 0 for the dropless
+implementations. Weights are combined in float32, as HF does.
+
+Expert ids >= E mean "no expert" (padding): the dropless implementations give such rows zero
+output, which the expert-parallel path relies on for the empty slots of its exchange buffers.
 
 `get_dispatch(name)` is mesh-aware: traced under a mesh whose expert axis is split (see
 `zephyr_jax.sharding.use_mesh`), it runs the expert-parallel version (`expert_parallel.py`), which
@@ -19,6 +26,7 @@ routes tokens to the devices holding their experts and uses these local implemen
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections.abc import Callable
 
@@ -66,15 +74,59 @@ def _combine(out_sorted_MD, order_M, weight_NK, dtype):
     return y_ND.astype(dtype)
 
 
-def ragged(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=None):
-    """Dropless grouped matmul: sort assignments by expert, `jax.lax.ragged_dot`, unsort."""
-    E = w1_EDF.shape[0]
-    order_M, token_M, group_sizes_E = _sort_by_expert(expert_NK, E)
-    xs_MD = x_ND[token_M]
-    h_MF = _swiglu(jax.lax.ragged_dot(xs_MD, w1_EDF, group_sizes_E),
-                   jax.lax.ragged_dot(xs_MD, w3_EDF, group_sizes_E))
-    out_MD = jax.lax.ragged_dot(h_MF, w2_EFD, group_sizes_E)
-    return _combine(out_MD, order_M, weight_NK, x_ND.dtype), jnp.zeros((), jnp.int32)
+def _tokamax_ragged_dot(x_MK, w_GKN, group_sizes_G):
+    """tokamax's Mosaic-GPU `ragged_dot` (optional: Python >= 3.12, jax >= 0.11.1, NVIDIA GPUs)."""
+    try:
+        import tokamax
+    except ImportError as e:
+        raise ImportError(
+            "moe_impl='tokamax' needs the optional tokamax package (pip install tokamax; it needs "
+            "Python >= 3.12 and jax >= 0.11.1); moe_impl='auto' picks another implementation "
+            "when it is missing") from e
+    y_MN = tokamax.ragged_dot(x_MK, w_GKN, group_sizes_G, implementation="mosaic")
+    # rows past the groups ("no expert" slots of the expert-parallel buffers) must come out zero,
+    # which ragged_dot guarantees and tokamax does not document
+    rows_M = jnp.arange(x_MK.shape[0]) < jnp.sum(group_sizes_G)
+    return jnp.where(rows_M[:, None], y_MN, 0).astype(x_MK.dtype)
+
+
+def _pallas_gmm(x_MK, w_GKN, group_sizes_G):
+    from zephyr_jax.kernels import gmm
+
+    return gmm(x_MK, w_GKN, group_sizes_G)
+
+
+def _scan_gmm(x_MK, w_GKN, group_sizes_G):
+    from zephyr_jax.kernels import scan_gmm
+
+    return scan_gmm(x_MK, w_GKN, group_sizes_G)
+
+
+# Grouped GEMMs equal to `jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)` (forward and VJP, rows
+# past the groups zero); each makes a dropless dispatch below.
+GROUPED_MATMULS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
+    "ragged": jax.lax.ragged_dot,  # XLA's lowering: native on TPU, slow on GPU and CPU
+    "scan": _scan_gmm,  # a loop of dense matmuls (zephyr_jax/kernels/scan_gmm.py): the CPU path
+    "pallas": _pallas_gmm,  # Pallas/Triton kernels (zephyr_jax/kernels/grouped_gemm.py): GPU
+    "tokamax": _tokamax_ragged_dot,
+}
+
+
+def grouped(matmul) -> DispatchFn:
+    """The dropless dispatch through `matmul`: sort assignments by expert, grouped GEMMs, unsort."""
+
+    def dispatch(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=None):
+        E = w1_EDF.shape[0]
+        order_M, token_M, group_sizes_E = _sort_by_expert(expert_NK, E)
+        xs_MD = x_ND[token_M]
+        h_MF = _swiglu(matmul(xs_MD, w1_EDF, group_sizes_E), matmul(xs_MD, w3_EDF, group_sizes_E))
+        out_MD = matmul(h_MF, w2_EFD, group_sizes_E)
+        return _combine(out_MD, order_M, weight_NK, x_ND.dtype), jnp.zeros((), jnp.int32)
+
+    return dispatch
+
+
+ragged = grouped(jax.lax.ragged_dot)
 
 
 def capacity(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=1.25):
@@ -103,25 +155,63 @@ def capacity(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor
     return y_ND.astype(x_ND.dtype), jnp.sum(~keep_M).astype(jnp.int32)
 
 
-DISPATCH: dict[str, DispatchFn] = {"dense": dense, "ragged": ragged, "capacity": capacity}
+DISPATCH: dict[str, DispatchFn] = {
+    "dense": dense, "capacity": capacity, **{k: grouped(m) for k, m in GROUPED_MATMULS.items()}}
+
+
+@functools.cache
+def tokamax_available() -> bool:
+    """Whether tokamax imports here (installed is not enough: it imports optional packages)."""
+    if importlib.util.find_spec("tokamax") is None:
+        return False
+    try:
+        import tokamax  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return False
+    return True
+
+
+def auto_impl(platform: str) -> str:
+    """What moe_impl="auto" runs on `platform` ("cpu", "gpu"/"cuda"/"rocm", "tpu").
+
+    Chosen from measurements (docs/PERFORMANCE.md, ../shared/PERF.md), all dropless:
+    - cpu: "scan", 3-7x the rate of XLA:CPU's ragged_dot forward and backward on the bench shapes;
+    - gpu: "tokamax" where installed (PERF.md, H200: 333 / 248 TFLOP/s forward / backward against
+      105 / 85 for ragged_dot); otherwise "dense": E/k times the expert FLOPs, but at dense-matmul
+      rate (823 TFLOP/s there), i.e. ~200 TFLOP/s of useful work at top-2 of 8, about twice
+      ragged_dot, at E/k times the expert activation memory. Our Pallas kernel ("pallas") is not
+      the default until it is measured on a GPU (docs/gpu_check.sh does);
+    - anything else (TPU): "ragged", XLA's native grouped matmul there.
+    """
+    if platform == "cpu":
+        return "scan"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "tokamax" if platform != "rocm" and tokamax_available() else "dense"
+    return "ragged"
+
+
+def resolve(name: str, platform: str | None = None) -> str:
+    """The implementation `name` stands for: itself, or auto's choice for `platform` (default: JAX's
+    default backend, where jit places the computation; the ambient mesh may be abstract)."""
+    if name != "auto":
+        return name
+    return auto_impl(platform or jax.default_backend())
 
 
 def get_dispatch(name: str) -> DispatchFn:
     """The `name` implementation, run expert-parallel when traced under an expert-split mesh."""
-    try:
-        local = DISPATCH[name]
-    except KeyError:
-        raise ValueError(f"unknown moe_impl {name!r}; have {sorted(DISPATCH)}") from None
+    if name != "auto" and name not in DISPATCH:
+        raise ValueError(f"unknown moe_impl {name!r}; have {sorted(DISPATCH)} and 'auto'")
 
-    @functools.wraps(local)
     def dispatch(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=1.25):
         # decided at trace time: the ambient mesh is part of jit's cache key
+        impl = resolve(name)
         plan = sharding.expert_parallel_plan()
         if plan is None:
-            return local(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor)
+            return DISPATCH[impl](x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor)
         from zephyr_jax.model.expert_parallel import expert_parallel  # it imports this module
 
-        return expert_parallel(name, plan, x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD,
+        return expert_parallel(impl, plan, x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD,
                                capacity_factor)
 
     return dispatch

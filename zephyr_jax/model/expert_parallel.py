@@ -43,12 +43,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from zephyr_jax.model.dispatch import DISPATCH, _combine
+from zephyr_jax.model.dispatch import DISPATCH, _combine, auto_impl
 from zephyr_jax.sharding import ExpertParallelPlan
 
 # moe_impl -> the local implementation run on the received rows (it must treat ids >= E_loc as
-# "no expert"); "capacity" also shrinks the exchange buffers (see module docstring).
-LOCAL_IMPLS = {"dense": "dense", "ragged": "ragged", "capacity": "ragged"}
+# "no expert"): each dropless one runs itself; "capacity" shrinks the exchange buffers (see module
+# docstring) and runs the platform's dropless choice on them (None below).
+LOCAL_IMPLS = {"dense": "dense", "ragged": "ragged", "scan": "scan", "pallas": "pallas",
+               "tokamax": "tokamax", "capacity": None}
 
 
 def exchange_rows(n: int, K: int, E_loc: int, X: int, impl: str,
@@ -65,7 +67,8 @@ def expert_parallel(impl: str, plan: ExpertParallelPlan, x_ND, expert_NK, weight
     """Expert-parallel dispatch over `plan`'s mesh for moe_impl `impl`."""
     if impl not in LOCAL_IMPLS:
         raise ValueError(f"moe_impl={impl!r} has no expert-parallel path; have {sorted(LOCAL_IMPLS)}")
-    local_fn = DISPATCH[LOCAL_IMPLS[impl]]
+    local = LOCAL_IMPLS[impl] or auto_impl(jax.default_backend())
+    local_fn = DISPATCH[local]
     E = w1_EDF.shape[0]
     N, K = expert_NK.shape
     X = plan.expert_size

@@ -54,13 +54,26 @@ def gqa_attention(
     v_BSKH: jax.Array,
     mask_BTS: jax.Array,
     impl: str = "xla",
+    *,
+    key_valid_BS: jax.Array | None = None,
+    sliding_window: int | None = None,
 ) -> jax.Array:
-    """Softmax attention with K kv heads shared by groups of N // K query heads; returns [B,T,N,H]."""
+    """Softmax attention with K kv heads shared by groups of N // K query heads; returns [B,T,N,H].
+
+    impl "xla": einsums and a masked softmax (any mask). "dot_product_attention": jax's
+    `jax.nn.dot_product_attention` with the same mask (its XLA path: jax picks cuDNN only when
+    asked). "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16), causal with per-row
+    lengths instead of a mask; it needs `key_valid_BS` right-padded (valid tokens first, as the
+    trainer's batches are) and T == S (no KV cache). A row that is not right-padded comes out NaN,
+    so a wrong mask fails loudly (the trainer stops on a non-finite loss) instead of silently.
+    """
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     scale = H**-0.5
+    if impl == "cudnn":
+        return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, key_valid_BS, sliding_window, scale)
     if impl == "dot_product_attention":
-        # cuDNN flash attention on GPU; XLA elsewhere. GQA is native (N a multiple of K).
+        # GQA is native (N a multiple of K)
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None, :, :], scale=scale
         )
@@ -71,3 +84,24 @@ def gqa_attention(
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
     return out_BTKGH.reshape(B, T, N, H)
+
+
+def right_padded_lengths(key_valid_BS: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(lengths_B, ok_B): valid-token counts, and whether each row is valid-first-then-padding."""
+    valid_BS = key_valid_BS.astype(bool)
+    lengths_B = jnp.sum(valid_BS, axis=-1).astype(jnp.int32)
+    expected_BS = jnp.arange(valid_BS.shape[1])[None, :] < lengths_B[:, None]
+    return lengths_B, jnp.all(valid_BS == expected_BS, axis=-1)
+
+
+def _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, key_valid_BS, sliding_window, scale):
+    B, T = q_BTNH.shape[:2]
+    if key_valid_BS is None or k_BSKH.shape[1] != T:
+        raise ValueError("attention_impl='cudnn' needs the key mask and T == S (no KV cache); "
+                         "generation uses the 'xla' path")
+    lengths_B, ok_B = right_padded_lengths(key_valid_BS)
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    out_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True, query_seq_lengths=lengths_B,
+        key_value_seq_lengths=lengths_B, local_window_size=window, implementation="cudnn")
+    return jnp.where(ok_B[:, None, None, None], out_BTNH, jnp.nan).astype(q_BTNH.dtype)

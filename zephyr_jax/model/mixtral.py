@@ -115,7 +115,12 @@ def _decoder_layer(cfg: MixtralConfig, p: dict, x_BTD, cos_BTH, sin_BTH, mask_BT
         v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), (0, index, 0, 0))
         new_kv = (k_BSKH, v_BSKH)
         k_BTKH, v_BTKH = k_BSKH.astype(dtype), v_BSKH.astype(dtype)
-    attn_BTNH = gqa_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg.attention_impl)
+    impl = cfg.attention_impl
+    if impl == "cudnn" and kv is not None:
+        impl = "xla"  # decoding against a cache: not a right-padded square; small anyway
+    attn_BTNH = gqa_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, impl,
+                              key_valid_BS=token_valid_N.reshape(B, T),
+                              sliding_window=cfg.sliding_window)
     x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", attn_BTNH, p["wo"])
 
     h_ND = rms_norm(x_BTD, p["post_attn_norm"], cfg.rms_norm_eps).reshape(B * T, D)

@@ -1,0 +1,169 @@
+"""The grouped GEMMs (zephyr_jax.kernels) against `jax.lax.ragged_dot`: forward and VJP.
+
+The Pallas kernels run in Pallas' interpret mode here (no GPU); their Triton lowering for CUDA is
+checked without a GPU. `scan_gmm` is the CPU path and runs natively.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# ---------------------------------------------------------------------------------------------
+# Shared cases: (M, K, N, group sizes, Pallas blocks)
+
+GMM_CASES = {
+    # name: (M, K, N, group sizes, blocks); rows past sum(sizes) must come out zero
+    "uneven_with_empty_group": (64, 32, 48, [10, 0, 30, 24], dict(bm=16, bk=16, bn=16)),
+    "rows_past_the_groups": (64, 32, 48, [10, 0, 30, 14], dict(bm=16, bk=16, bn=16)),
+    "padded_to_blocks": (50, 20, 40, [7, 13, 0, 25], dict(bm=16, bk=16, bn=32)),
+    "one_group": (128, 64, 64, [128], dict(bm=32, bk=16, bn=32)),
+    "no_rows": (32, 32, 32, [0, 0, 0], dict(bm=16, bk=16, bn=16)),
+}
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("case", sorted(GMM_CASES))
+def test_pallas_gmm_equals_ragged_dot_forward_and_grads(case):
+    import jax
+    import jax.numpy as jnp
+
+    from zephyr_jax.kernels import gmm
+
+    M, K, N, sizes, blocks = GMM_CASES[case]
+    kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (M, K), jnp.float32)
+    w = jax.random.normal(kw, (len(sizes), K, N), jnp.float32)
+    dy = jax.random.normal(kd, (M, N), jnp.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    y, vjp = jax.vjp(lambda x, w: gmm(x, w, group_sizes, interpret=True, **blocks), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes), x, w)
+    if sum(sizes) == 0:
+        assert not np.any(y) and not any(np.any(g) for g in vjp(dy))
+        return
+    assert not np.any(y[sum(sizes):])
+    assert _rel_err(y, y_ref) <= 1e-5
+    for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
+        assert _rel_err(got, want) <= 1e-5
+
+
+def test_pallas_gmm_work_items_cover_each_row_once():
+    import jax.numpy as jnp
+
+    from zephyr_jax.kernels.grouped_gemm import group_bounds, work_items
+
+    M, bm = 96, 16
+    for sizes in ([96, 0, 0], [5, 0, 40, 17], [0, 0, 0], [16, 16, 16, 16, 16, 16], [1] * 7):
+        starts, ends = group_bounds(jnp.asarray(sizes, jnp.int32), M)
+        group, tile = work_items(starts, ends, M, bm)
+        assert group.shape == (M // bm + len(sizes),)
+        covered = np.zeros(M, int)
+        for g, t in zip(np.asarray(group), np.asarray(tile), strict=True):
+            rows = np.arange(t * bm, (t + 1) * bm)
+            covered[rows[(rows >= starts[g]) & (rows < ends[g])]] += 1
+        assert (covered == 1).all(), sizes
+
+
+def test_pallas_gmm_lowers_through_triton_for_cuda():
+    """No GPU needed: Pallas' Triton lowering (where unsupported ops fail) of forward and VJP."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from zephyr_jax.kernels import gmm
+
+    x = jnp.zeros((512, 256), jnp.bfloat16)
+    w = jnp.zeros((4, 256, 384), jnp.bfloat16)
+    sizes = jnp.asarray([100, 0, 300, 112], jnp.int32)
+
+    def fwd_bwd(x, w):
+        y, vjp = jax.vjp(lambda x, w: gmm(x, w, sizes, interpret=False), x, w)
+        return y, vjp(y)
+
+    text = jax.jit(fwd_bwd).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# scan_gmm: the same cases (its row tile from the Pallas blocks' bm), plus bf16 and odd tiles
+
+
+@pytest.mark.parametrize("case", sorted(GMM_CASES))
+def test_scan_gmm_equals_ragged_dot_forward_and_grads(case):
+    import jax
+    import jax.numpy as jnp
+
+    from zephyr_jax.kernels import scan_gmm
+
+    M, K, N, sizes, blocks = GMM_CASES[case]
+    kx, kw, kd = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (M, K), jnp.float32)
+    w = jax.random.normal(kw, (len(sizes), K, N), jnp.float32)
+    dy = jax.random.normal(kd, (M, N), jnp.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    y, vjp = jax.vjp(lambda x, w: scan_gmm(x, w, group_sizes, bm=blocks["bm"]), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes), x, w)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    if sum(sizes) == 0:
+        assert not np.any(y) and not any(np.any(g) for g in vjp(dy))
+        return
+    assert not np.any(y[sum(sizes):])
+    assert _rel_err(y, y_ref) <= 1e-5
+    got, want = vjp(dy), vjp_ref(dy)
+    assert not np.any(got[0][sum(sizes):])  # rows of no group get no gradient
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == r.dtype and _rel_err(g, r) <= 1e-5
+
+
+@pytest.mark.parametrize("bm", [8, 16, 64, 256])
+def test_scan_gmm_any_row_tile_and_jit(bm):
+    """Tiles smaller than, equal to and larger than the groups (M shrinks bm for small inputs);
+    under jit with traced group sizes, as the MoE dispatch calls it."""
+    import jax
+    import jax.numpy as jnp
+
+    from zephyr_jax.kernels import scan_gmm
+
+    M, K, N = 37, 12, 20
+    sizes = jnp.asarray([3, 17, 0, 9, 8], jnp.int32)
+    x = jax.random.normal(jax.random.key(2), (M, K))
+    w = jax.random.normal(jax.random.key(3), (5, K, N))
+
+    def loss(f, x, w, s):
+        return jnp.sum(jnp.sin(f(x, w, s)))
+
+    got = jax.jit(jax.value_and_grad(lambda x, w, s: loss(lambda *a: scan_gmm(*a, bm=bm), x, w, s),
+                                     argnums=(0, 1)))(x, w, sizes)
+    want = jax.value_and_grad(lambda x, w, s: loss(jax.lax.ragged_dot, x, w, s),
+                              argnums=(0, 1))(x, w, sizes)
+    assert _rel_err(got[0], want[0]) <= 1e-5
+    for g, r in zip(got[1], want[1], strict=True):
+        assert _rel_err(g, r) <= 1e-5
+
+
+def test_scan_gmm_bfloat16_accumulates_in_float32():
+    import jax
+    import jax.numpy as jnp
+
+    from zephyr_jax.kernels import scan_gmm
+
+    M, K, N = 64, 256, 32
+    sizes = jnp.asarray([20, 44], jnp.int32)
+    x = jax.random.normal(jax.random.key(4), (M, K)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(5), (2, K, N)).astype(jnp.bfloat16)
+    y = scan_gmm(x, w, sizes, bm=16)
+    exact = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
+    assert y.dtype == jnp.bfloat16
+    # one bf16 rounding of a float32-accumulated sum (bf16 eps 2^-8), not 256 of them
+    assert _rel_err(y, exact) <= 2**-8
+    dx, dw = jax.grad(lambda x, w: jnp.sum(scan_gmm(x, w, sizes, bm=16).astype(jnp.float32)),
+                      argnums=(0, 1))(x, w)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    dw_exact = jax.grad(lambda w: jnp.sum(jax.lax.ragged_dot(x.astype(jnp.float32), w, sizes)))(
+        w.astype(jnp.float32))
+    assert _rel_err(dw, dw_exact) <= 2**-8
