@@ -70,9 +70,16 @@ def make_train_step(model_cfg: MixtralConfig, tx: optax.GradientTransformation,
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grads_acc, grads)
             return grads_acc, {"loss": loss, **metrics}
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), state.params)
-        grads, per_micro = jax.lax.scan(micro, zeros, batch)
         n_micro = jax.tree.leaves(batch)[0].shape[0]
+        if n_micro == 1:
+            # nothing to accumulate: no float32 gradient buffer (4 bytes per parameter), same
+            # numbers (a bf16 gradient cast to float32, divided by 1 and cast back is itself)
+            (loss, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch),
+                                             model_cfg, beta, chunk_size, nll_reduction)
+            per_micro = jax.tree.map(lambda x: x[None], {"loss": loss, **metrics})
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), state.params)
+            grads, per_micro = jax.lax.scan(micro, zeros, batch)
         grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, state.params)
         metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_micro)
         metrics["num_tokens"] = jnp.sum(per_micro["num_tokens"])
