@@ -108,7 +108,8 @@ def test_make_batch_is_a_full_length_preference_batch():
 
 def test_config_defaults_follow_the_platform(tmp_path):
     name, cfg = bench.resolve_config(None, "gpu")
-    assert name == "bench" and cfg == MixtralConfig.preset("bench")
+    assert name == "bench" and cfg == MixtralConfig.preset("bench", attention_impl="cudnn")
+    assert bench.resolve_config(None, "gpu", attention_impl="xla")[1].attention_impl == "xla"
     name, cfg = bench.resolve_config(None, "cpu", moe_impl="dense")
     assert name == "small" and cfg.moe_impl == "dense" and cfg.vocab_size == 32000
     assert (cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size) == (8, 2, 256)

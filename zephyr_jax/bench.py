@@ -60,7 +60,8 @@ def resolve_config(spec: str | None, platform: str, moe_impl: str | None = None,
     """(name, config) for `bench`, `small`, another preset name, or a YAML path.
 
     None means `bench` on a GPU and `small` elsewhere. `dtype` sets compute and parameter dtype;
-    `runtime` other runtime fields (attention_impl, remat); None values are left alone.
+    `runtime` other runtime fields (attention_impl, remat); None values are left alone. On a GPU
+    the attention defaults to cuDNN's (bf16/fp16 configs).
     """
     if spec is None:
         spec = "bench" if platform == "gpu" else "small"
@@ -71,6 +72,9 @@ def resolve_config(spec: str | None, platform: str, moe_impl: str | None = None,
     else:
         cfg = MixtralConfig.preset(spec)
     overrides = {k: v for k, v in runtime.items() if v is not None}
+    if platform == "gpu" and "attention_impl" not in overrides and cfg.dtype != "float32":
+        # the bench batch is full-length (right-padded trivially): cuDNN's flash attention applies
+        overrides["attention_impl"] = "cudnn"
     if moe_impl:
         overrides["moe_impl"] = moe_impl
     if dtype:
