@@ -1,0 +1,32 @@
+"""docs/gpu_check.sh, the one prepared GPU run, smoke-tested on CPU so it cannot rot unnoticed:
+a GPU session is 15 minutes, and a script that fails there on a renamed flag wastes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "CONFIG": "tiny", "STEP_IMPLS": "scan,dense",
+           "ATTENTION": "xla", "BENCH_ARGS": "--batch-pairs 1 --seq-len 16 --steps 1 --warmup 0"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(["bash", "docs/gpu_check.sh", "run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "gpu_check.log").read_text()
+    for name in ("gemm", "step", "attention"):
+        assert f"== {name}: exit 0" in log, log[-3000:]
+    gemm = json.loads((tmp_path / "gemm.json").read_text())
+    assert {r["op"] for r in gemm["gemm"]} >= {"ragged_dot", "scan_gmm_skewed"}
+    step = json.loads((tmp_path / "step.json").read_text())
+    assert step["ratio"] > 0 and [v["moe_impl"] for v in step["variants"]] == ["scan", "dense"]
+    att = json.loads((tmp_path / "attention.json").read_text())
+    assert [v["attention_impl"] for v in att["variants"]] == ["xla", "dot_product_attention"]
+    # the cross-check the GPU run relies on: same weights and batch, same step-0 numbers
+    losses = {v["loss_step0"] for v in step["variants"] + att["variants"]}
+    assert max(losses) - min(losses) <= 1e-5 * max(abs(x) for x in losses)
