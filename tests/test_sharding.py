@@ -220,7 +220,7 @@ def test_shard_model_and_batch_sharding_on_one_device():
 # --- dispatch hooks ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged"])
+@pytest.mark.parametrize("impl", ["dense", "ragged", "scan", "pallas"])
 def test_local_dispatch_gives_zero_for_no_expert_ids(impl):
     """Expert ids >= E are the expert-parallel buffers' empty slots: zero output, zero grads."""
     ks = jax.random.split(jax.random.key(0), 4)
