@@ -27,28 +27,39 @@ def _rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def _kernel(name, blocks):
+    from zephyr_jax.kernels import gmm, scan_gmm
+
+    if name == "pallas":
+        return lambda x, w, s: gmm(x, w, s, interpret=True, **blocks)
+    return lambda x, w, s: scan_gmm(x, w, s, bm=blocks["bm"])  # the same row tiles
+
+
+@pytest.mark.parametrize("kernel", ["pallas", "scan"])
 @pytest.mark.parametrize("case", sorted(GMM_CASES))
-def test_pallas_gmm_equals_ragged_dot_forward_and_grads(case):
+def test_grouped_gemm_equals_ragged_dot_forward_and_grads(case, kernel):
     import jax
     import jax.numpy as jnp
 
-    from zephyr_jax.kernels import gmm
-
     M, K, N, sizes, blocks = GMM_CASES[case]
+    fn = _kernel(kernel, blocks)
     kx, kw, kd = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (M, K), jnp.float32)
     w = jax.random.normal(kw, (len(sizes), K, N), jnp.float32)
     dy = jax.random.normal(kd, (M, N), jnp.float32)
     group_sizes = jnp.asarray(sizes, jnp.int32)
-    y, vjp = jax.vjp(lambda x, w: gmm(x, w, group_sizes, interpret=True, **blocks), x, w)
+    y, vjp = jax.vjp(lambda x, w: fn(x, w, group_sizes), x, w)
     y_ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes), x, w)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     if sum(sizes) == 0:
         assert not np.any(y) and not any(np.any(g) for g in vjp(dy))
         return
     assert not np.any(y[sum(sizes):])
     assert _rel_err(y, y_ref) <= 1e-5
-    for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
-        assert _rel_err(got, want) <= 1e-5
+    got, want = vjp(dy), vjp_ref(dy)
+    assert not np.any(got[0][sum(sizes):])  # rows of no group get no gradient
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == r.dtype and _rel_err(g, r) <= 1e-5
 
 
 def test_pallas_gmm_work_items_cover_each_row_once():
@@ -90,34 +101,7 @@ def test_pallas_gmm_lowers_through_triton_for_cuda():
 
 
 # ---------------------------------------------------------------------------------------------
-# scan_gmm: the same cases (its row tile from the Pallas blocks' bm), plus bf16 and odd tiles
-
-
-@pytest.mark.parametrize("case", sorted(GMM_CASES))
-def test_scan_gmm_equals_ragged_dot_forward_and_grads(case):
-    import jax
-    import jax.numpy as jnp
-
-    from zephyr_jax.kernels import scan_gmm
-
-    M, K, N, sizes, blocks = GMM_CASES[case]
-    kx, kw, kd = jax.random.split(jax.random.key(1), 3)
-    x = jax.random.normal(kx, (M, K), jnp.float32)
-    w = jax.random.normal(kw, (len(sizes), K, N), jnp.float32)
-    dy = jax.random.normal(kd, (M, N), jnp.float32)
-    group_sizes = jnp.asarray(sizes, jnp.int32)
-    y, vjp = jax.vjp(lambda x, w: scan_gmm(x, w, group_sizes, bm=blocks["bm"]), x, w)
-    y_ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes), x, w)
-    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
-    if sum(sizes) == 0:
-        assert not np.any(y) and not any(np.any(g) for g in vjp(dy))
-        return
-    assert not np.any(y[sum(sizes):])
-    assert _rel_err(y, y_ref) <= 1e-5
-    got, want = vjp(dy), vjp_ref(dy)
-    assert not np.any(got[0][sum(sizes):])  # rows of no group get no gradient
-    for g, r in zip(got, want, strict=True):
-        assert g.dtype == r.dtype and _rel_err(g, r) <= 1e-5
+# scan_gmm beyond the shared cases: bf16 and odd tiles
 
 
 @pytest.mark.parametrize("bm", [8, 16, 64, 256])
