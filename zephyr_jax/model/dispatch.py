@@ -126,9 +126,6 @@ def grouped(matmul) -> DispatchFn:
     return dispatch
 
 
-ragged = grouped(jax.lax.ragged_dot)
-
-
 def capacity(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=1.25):
     """Fixed capacity C = ceil(factor * N * K / E) per expert and one batched einsum.
 
@@ -157,6 +154,7 @@ def capacity(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor
 
 DISPATCH: dict[str, DispatchFn] = {
     "dense": dense, "capacity": capacity, **{k: grouped(m) for k, m in GROUPED_MATMULS.items()}}
+ragged = DISPATCH["ragged"]
 
 
 @functools.cache
@@ -175,7 +173,7 @@ def auto_impl(platform: str) -> str:
     """What moe_impl="auto" runs on `platform` ("cpu", "gpu"/"cuda"/"rocm", "tpu").
 
     Chosen from measurements (docs/PERFORMANCE.md, ../shared/PERF.md), all dropless:
-    - cpu: "scan", 3-7x the rate of XLA:CPU's ragged_dot forward and backward on the bench shapes;
+    - cpu: "scan", 3.4-6x the rate of XLA:CPU's ragged_dot forward and backward (`bench --gemm`);
     - gpu: "tokamax" where installed (PERF.md, H200: 333 / 248 TFLOP/s forward / backward against
       105 / 85 for ragged_dot); otherwise "dense": E/k times the expert FLOPs, but at dense-matmul
       rate (823 TFLOP/s there), i.e. ~200 TFLOP/s of useful work at top-2 of 8, about twice
