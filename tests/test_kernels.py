@@ -151,3 +151,28 @@ def test_scan_gmm_bfloat16_accumulates_in_float32():
     dw_exact = jax.grad(lambda w: jnp.sum(jax.lax.ragged_dot(x.astype(jnp.float32), w, sizes)))(
         w.astype(jnp.float32))
     assert _rel_err(dw, dw_exact) <= 2**-8
+
+
+@pytest.mark.parametrize("kernel", ["pallas", "scan"])
+def test_grouped_gemm_rejects_mismatched_operands(kernel):
+    """A group count that does not match the weights would misassign rows silently: refused,
+    with the shapes named; so are a K mismatch and float group sizes."""
+    import jax.numpy as jnp
+
+    fn = _kernel(kernel, dict(bm=16, bk=16, bn=16))
+    x, w = jnp.zeros((32, 16)), jnp.zeros((3, 16, 16))
+    with pytest.raises(ValueError, match=r"group_sizes \(2,\).*one per group of w \(3, 16, 16\)"):
+        fn(x, w, jnp.asarray([16, 16], jnp.int32))
+    with pytest.raises(ValueError, match=r"group_sizes \(3,\) float32 must be integers"):
+        fn(x, w, jnp.asarray([16.0, 16.0, 0.0]))
+    with pytest.raises(ValueError, match=r"x \(32, 8\) must be \[M, K\].*same K"):
+        fn(jnp.zeros((32, 8)), w, jnp.asarray([16, 16, 0], jnp.int32))
+
+
+def test_scan_gmm_rejects_a_bad_tile():
+    import jax.numpy as jnp
+
+    from zephyr_jax.kernels import scan_gmm
+
+    with pytest.raises(ValueError, match="bm .* positive integer, got 0"):
+        scan_gmm(jnp.zeros((8, 4)), jnp.zeros((1, 4, 4)), jnp.asarray([8], jnp.int32), bm=0)

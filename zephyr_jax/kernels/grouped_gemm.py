@@ -33,7 +33,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from zephyr_jax.kernels.tiling import group_bounds, match_varying, out_struct, work_items
+from zephyr_jax.kernels.tiling import (
+    check_operands,
+    group_bounds,
+    match_varying,
+    out_struct,
+    work_items,
+)
 
 
 class Tiles(NamedTuple):
@@ -66,10 +72,9 @@ def gmm(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, bm: int 
     `interpret=None` means the Triton kernels on a GPU and Pallas' interpreter elsewhere.
     `sum(group_sizes_G)` must not exceed M (as for ragged_dot; not checked, it is traced).
     """
+    check_operands(x_MK, w_GKN, group_sizes_G)
     M, K = x_MK.shape
-    G, K2, N = w_GKN.shape
-    if K2 != K:
-        raise ValueError(f"x {x_MK.shape} and w {w_GKN.shape} contract different sizes")
+    N = w_GKN.shape[2]
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     bm, bk, bn = _fit(bm, M), _fit(bk, K), _fit(bn, N)

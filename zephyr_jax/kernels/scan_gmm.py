@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from zephyr_jax.kernels.tiling import group_bounds, match_varying, work_items
+from zephyr_jax.kernels.tiling import check_operands, group_bounds, match_varying, work_items
 
 
 def _block_rows(bm: int, M: int) -> int:
@@ -40,9 +40,10 @@ def scan_gmm(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *,
     `bm` rows per tile; `sum(group_sizes_G)` must not exceed M (as for ragged_dot; traced, so
     not checked). Output dtype is x's; products accumulate in float32.
     """
-    M, K = x_MK.shape
-    if w_GKN.ndim != 3 or w_GKN.shape[1] != K:
-        raise ValueError(f"x {x_MK.shape} and w {w_GKN.shape} contract different sizes")
+    check_operands(x_MK, w_GKN, group_sizes_G)
+    if not isinstance(bm, int) or bm < 1:
+        raise ValueError(f"scan_gmm: bm (rows per tile) must be a positive integer, got {bm!r}")
+    M = x_MK.shape[0]
     bm = _block_rows(bm, M)
     Mp = -(-M // bm) * bm
     if Mp != M:

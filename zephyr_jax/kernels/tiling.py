@@ -73,3 +73,15 @@ def out_struct(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.ShapeDtype
     if vma:  # the jax versions that name it vma
         return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
     return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def check_operands(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array) -> None:
+    """The shapes `jax.lax.ragged_dot` accepts, checked before tracing (a wrong group count would
+    otherwise misassign rows silently)."""
+    if x_MK.ndim != 2 or w_GKN.ndim != 3 or w_GKN.shape[1] != x_MK.shape[1]:
+        raise ValueError(f"grouped GEMM: x {x_MK.shape} must be [M, K] and w {w_GKN.shape} "
+                         f"[G, K, N] with the same K")
+    if group_sizes_G.shape != (w_GKN.shape[0],) or not jnp.issubdtype(group_sizes_G.dtype,
+                                                                       jnp.integer):
+        raise ValueError(f"grouped GEMM: group_sizes {group_sizes_G.shape} {group_sizes_G.dtype} "
+                         f"must be integers, one per group of w {w_GKN.shape}")

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from zephyr_jax import sharding
+from zephyr_jax.kernels import gmm, scan_gmm
 
 DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -90,24 +91,12 @@ def _tokamax_ragged_dot(x_MK, w_GKN, group_sizes_G):
     return jnp.where(rows_M[:, None], y_MN, 0).astype(x_MK.dtype)
 
 
-def _pallas_gmm(x_MK, w_GKN, group_sizes_G):
-    from zephyr_jax.kernels import gmm
-
-    return gmm(x_MK, w_GKN, group_sizes_G)
-
-
-def _scan_gmm(x_MK, w_GKN, group_sizes_G):
-    from zephyr_jax.kernels import scan_gmm
-
-    return scan_gmm(x_MK, w_GKN, group_sizes_G)
-
-
 # Grouped GEMMs equal to `jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)` (forward and VJP, rows
 # past the groups zero); each makes a dropless dispatch below.
 GROUPED_MATMULS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
     "ragged": jax.lax.ragged_dot,  # XLA's lowering: native on TPU, slow on GPU and CPU
-    "scan": _scan_gmm,  # a loop of dense matmuls (zephyr_jax/kernels/scan_gmm.py): the CPU path
-    "pallas": _pallas_gmm,  # Pallas/Triton kernels (zephyr_jax/kernels/grouped_gemm.py): GPU
+    "scan": scan_gmm,  # a loop of dense matmuls (zephyr_jax/kernels/scan_gmm.py): the CPU path
+    "pallas": gmm,  # Pallas/Triton kernels (zephyr_jax/kernels/grouped_gemm.py): GPU
     "tokamax": _tokamax_ragged_dot,
 }
 
