@@ -224,7 +224,7 @@ def test_remat_and_bf16_compute():
         return nnx.state(nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(m), nnx.Param)
 
     ref = grad_of(cfg)
-    for policy in ("full", "dots", "dots_no_batch"):
+    for policy in ("full", "dots", "dots_no_batch", "save_matmuls", "save_attention"):
         got = grad_of(cfg.replace(remat=policy))
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
@@ -233,6 +233,66 @@ def test_remat_and_bf16_compute():
     assert out.dtype == jnp.bfloat16
     ref_logits = base(ids)
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_logits))) < 0.05 * float(jnp.max(jnp.abs(ref_logits)))
+
+
+def _primitive_counts(jaxpr, counts=None) -> dict[str, int]:
+    """How often each primitive occurs in `jaxpr`, sub-jaxprs (scan bodies, custom VJPs) included."""
+    counts = {} if counts is None else counts
+    for eqn in jaxpr.eqns:
+        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _primitive_counts(inner, counts)
+    return counts
+
+
+def _grad_counts(cfg, params, ids) -> dict[str, int]:
+    def loss(p):
+        return jnp.mean(zj.model_from_params(cfg, p)(ids) ** 2)
+
+    return _primitive_counts(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+
+
+def test_named_remat_policies_keep_or_recompute_the_expert_gemms():
+    """"dots" sees only XLA dot_generals, so it recomputes the expert GEMMs of ragged_dot and of our
+    custom-VJP kernels; "save_matmuls" keeps them (and every projection), "save_attention" and
+    "full" recompute the MoE forward. Counted in the gradient's program (one scanned layer):
+    forward 3 expert GEMMs + backward 6 (dx, dw), + 3 when the forward is recomputed."""
+    cfg = MixtralConfig.preset("tiny")
+    ids = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
+    params = zj.params_dict(zj.Mixtral(cfg, rngs=nnx.Rngs(0)))
+    ragged = {p: _grad_counts(cfg.replace(moe_impl="ragged", remat=p), params, ids)
+              for p in ("none", "dots", "save_matmuls", "save_attention", "full")}
+    assert {p: c["ragged_dot_general"] for p, c in ragged.items()} == {
+        "none": 9, "dots": 12, "save_matmuls": 9, "save_attention": 12, "full": 12}
+    # attention projections: kept by both named policies, recomputed by "full"
+    assert ragged["save_matmuls"]["dot_general"] < ragged["full"]["dot_general"]
+    assert ragged["save_attention"]["dot_general"] < ragged["full"]["dot_general"]
+    # scan_gmm (a custom VJP over lax.scan loops): the same, seen as its loops
+    scans = {p: _grad_counts(cfg.replace(moe_impl="scan", remat=p), params, ids)["scan"]
+             for p in ("none", "dots", "save_matmuls")}
+    assert scans["save_matmuls"] == scans["none"] < scans["dots"]
+
+
+def test_named_remat_policies_trade_memory_for_recompute():
+    """With the MoE activations dominant (dense dispatch, small vocabulary), the compiled step's
+    temporaries shrink from no remat to save_matmuls to save_attention to full."""
+    cfg = MixtralConfig.preset("tiny").replace(vocab_size=64, intermediate_size=256,
+                                               moe_impl="dense")
+    ids = jax.random.randint(jax.random.key(0), (4, 64), 0, cfg.vocab_size)
+    params = zj.params_dict(zj.Mixtral(cfg, rngs=nnx.Rngs(0)))
+
+    def temp_bytes(policy):
+        def loss(p):
+            return jnp.mean(zj.model_from_params(cfg.replace(remat=policy), p)(ids) ** 2)
+
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    t = {p: temp_bytes(p) for p in ("none", "save_matmuls", "save_attention", "full")}
+    assert t["none"] > t["save_matmuls"] > t["save_attention"] >= t["full"], t
 
 
 def _compile_seconds(layers: int) -> float:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 MOE_IMPLS = ("auto", "dense", "ragged", "scan", "pallas", "tokamax", "capacity")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_matmuls", "save_attention")
 ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -128,7 +128,11 @@ def analytic_flops(model_cfg, sequences: int, length: int) -> dict:
     tokens = sequences * length
     dense = 6 * n_matmul * tokens
     attn = 12 * c.num_hidden_layers * sequences * length**2 * c.num_attention_heads * c.kv_head_dim
-    recompute = (dense + attn) // 3 if c.remat == "full" else 0  # one more forward
+    # what the remat policy recomputes in the backward pass: "full" one more forward of everything,
+    # "save_attention" one more forward of the expert GEMMs (2 x routed expert params x tokens)
+    recompute = {"full": (dense + attn) // 3,
+                 "save_attention": 2 * 3 * c.num_experts_per_tok * c.hidden_size
+                 * c.intermediate_size * c.num_hidden_layers * tokens}.get(c.remat, 0)
     return {"matmul_params": n_matmul, "tokens": tokens, "dense": dense, "attention": attn,
             "model_flops": dense + attn, "with_remat": dense + attn + recompute}
 
@@ -350,8 +354,9 @@ def _report(r: dict, log) -> None:
     log(f"  analytic model FLOPs  {fl['model_flops']:.3e} = 6 x {fl['matmul_params'] / 1e9:.2f}B "
         f"active matmul params x {fl['tokens']} tokens ({fl['dense']:.3e}) + attention "
         f"12 x layers x seqs x T^2 x heads x head_dim ({fl['attention']:.3e})")
-    if m["remat"] == "full":
-        log(f"    + full-remat forward recompute = {fl['with_remat']:.3e}")
+    if m["remat"] in ("full", "save_attention"):
+        what = "forward" if m["remat"] == "full" else "expert-GEMM forward"
+        log(f"    + {m['remat']} remat {what} recompute = {fl['with_remat']:.3e}")
     log(f"  compiled program      {fl['compiled_dots']:.3e}  its dots, loops x trip count (padded "
         "buffers, e.g. the dropless MoE exchange, are computed in full)")
     log(f"  XLA cost_analysis     {fl['xla_cost_analysis_per_device']:.3e} per device: counts each "

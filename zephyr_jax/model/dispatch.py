@@ -32,9 +32,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from zephyr_jax import sharding
 from zephyr_jax.kernels import gmm, scan_gmm
+from zephyr_jax.model import names
 
 DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -43,13 +45,23 @@ def _swiglu(h1: jax.Array, h3: jax.Array) -> jax.Array:
     return jax.nn.silu(h1) * h3
 
 
+# tags for the named remat policies (zephyr_jax/model/names.py); no-ops otherwise
+def _gate_up(h: jax.Array) -> jax.Array:
+    return checkpoint_name(h, names.EXPERT_IN)
+
+
+def _down(h: jax.Array) -> jax.Array:
+    return checkpoint_name(h, names.EXPERT_OUT)
+
+
 def dense(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=None):
     """Reference: every expert on every token, masked by the routing weights. E times the FLOPs."""
     E = w1_EDF.shape[0]
     combine_NE = jnp.einsum("nk,nke->ne", weight_NK.astype(jnp.float32),
                             jax.nn.one_hot(expert_NK, E, dtype=jnp.float32))
-    h_ENF = _swiglu(jnp.einsum("nd,edf->enf", x_ND, w1_EDF), jnp.einsum("nd,edf->enf", x_ND, w3_EDF))
-    out_END = jnp.einsum("enf,efd->end", h_ENF, w2_EFD)
+    h_ENF = _swiglu(_gate_up(jnp.einsum("nd,edf->enf", x_ND, w1_EDF)),
+                    _gate_up(jnp.einsum("nd,edf->enf", x_ND, w3_EDF)))
+    out_END = _down(jnp.einsum("enf,efd->end", h_ENF, w2_EFD))
     y_ND = jnp.einsum("end,ne->nd", out_END.astype(jnp.float32), combine_NE)
     return y_ND.astype(x_ND.dtype), jnp.zeros((), jnp.int32)
 
@@ -108,8 +120,9 @@ def grouped(matmul) -> DispatchFn:
         E = w1_EDF.shape[0]
         order_M, token_M, group_sizes_E = _sort_by_expert(expert_NK, E)
         xs_MD = x_ND[token_M]
-        h_MF = _swiglu(matmul(xs_MD, w1_EDF, group_sizes_E), matmul(xs_MD, w3_EDF, group_sizes_E))
-        out_MD = matmul(h_MF, w2_EFD, group_sizes_E)
+        h_MF = _swiglu(_gate_up(matmul(xs_MD, w1_EDF, group_sizes_E)),
+                       _gate_up(matmul(xs_MD, w3_EDF, group_sizes_E)))
+        out_MD = _down(matmul(h_MF, w2_EFD, group_sizes_E))
         return _combine(out_MD, order_M, weight_NK, x_ND.dtype), jnp.zeros((), jnp.int32)
 
     return dispatch
@@ -132,9 +145,9 @@ def capacity(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor
     token_M = jnp.arange(N * K) // K
     buf_SD = jnp.zeros((E * C + 1, D), x_ND.dtype).at[slot_M].set(x_ND[token_M])
     xs_ECD = buf_SD[: E * C].reshape(E, C, D)
-    h_ECF = _swiglu(jnp.einsum("ecd,edf->ecf", xs_ECD, w1_EDF),
-                    jnp.einsum("ecd,edf->ecf", xs_ECD, w3_EDF))
-    out_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, w2_EFD)
+    h_ECF = _swiglu(_gate_up(jnp.einsum("ecd,edf->ecf", xs_ECD, w1_EDF)),
+                    _gate_up(jnp.einsum("ecd,edf->ecf", xs_ECD, w3_EDF)))
+    out_ECD = _down(jnp.einsum("ecf,efd->ecd", h_ECF, w2_EFD))
     out_SD = jnp.concatenate([out_ECD.reshape(E * C, D), jnp.zeros((1, D), out_ECD.dtype)])
     out_NKD = out_SD[slot_M].reshape(N, K, D).astype(jnp.float32)
     y_ND = jnp.einsum("nkd,nk->nd", out_NKD, weight_NK.astype(jnp.float32))

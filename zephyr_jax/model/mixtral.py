@@ -12,8 +12,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from zephyr_jax.config import MixtralConfig
+from zephyr_jax.model import names
 from zephyr_jax.model.dispatch import get_dispatch
 from zephyr_jax.model.layers import (
     apply_rope,
@@ -83,7 +85,7 @@ def init_kv_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype=None) -> K
 
 def route(x_ND: jax.Array, router_DE: jax.Array, top_k: int):
     """Softmax over all experts in float32, top-k, renormalize the k weights (HF MixtralTopKRouter)."""
-    logits_NE = x_ND @ router_DE
+    logits_NE = checkpoint_name(x_ND @ router_DE, names.ROUTER)
     probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
     weight_NK, expert_NK = jax.lax.top_k(probs_NE, top_k)
     weight_NK = weight_NK / jnp.sum(weight_NK, axis=-1, keepdims=True)
@@ -94,6 +96,14 @@ _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # By name (`checkpoint_name` below and in the dispatch), so that the expert GEMMs count even
+    # where they are custom kernels, which "dots" cannot see (it knows only XLA dot_generals):
+    # every projection and expert GEMM output is kept; norms, RoPE, softmax, SwiGLU and the
+    # attention scores are recomputed (the scores are the [T, S] tensor not worth keeping).
+    "save_matmuls": jax.checkpoint_policies.save_only_these_names(*names.MATMULS),
+    # Attention's projections only: the MoE block is recomputed (its activations are the largest,
+    # k or E x intermediate per token), at the cost of one more expert forward.
+    "save_attention": jax.checkpoint_policies.save_only_these_names(*names.ATTENTION),
 }
 
 
@@ -108,6 +118,7 @@ def _decoder_layer(cfg: MixtralConfig, p: dict, x_BTD, cos_BTH, sin_BTH, mask_BT
     q_BTNH = apply_rope(jnp.einsum("btd,dnh->btnh", h_BTD, p["wq"]), cos_BTH, sin_BTH)
     k_BTKH = apply_rope(jnp.einsum("btd,dkh->btkh", h_BTD, p["wk"]), cos_BTH, sin_BTH)
     v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wv"])
+    q_BTNH, k_BTKH, v_BTKH = (checkpoint_name(a, names.QKV) for a in (q_BTNH, k_BTKH, v_BTKH))
     new_kv = None
     if kv is not None:
         k_cache, v_cache, index = kv
@@ -121,7 +132,8 @@ def _decoder_layer(cfg: MixtralConfig, p: dict, x_BTD, cos_BTH, sin_BTH, mask_BT
     attn_BTNH = gqa_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, impl,
                               key_valid_BS=token_valid_N.reshape(B, T),
                               sliding_window=cfg.sliding_window)
-    x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", attn_BTNH, p["wo"])
+    attn_BTNH = checkpoint_name(attn_BTNH, names.CONTEXT)
+    x_BTD = x_BTD + checkpoint_name(jnp.einsum("btnh,nhd->btd", attn_BTNH, p["wo"]), names.ATTN_OUT)
 
     h_ND = rms_norm(x_BTD, p["post_attn_norm"], cfg.rms_norm_eps).reshape(B * T, D)
     probs_NE, weight_NK, expert_NK = route(h_ND, p["router"], cfg.num_experts_per_tok)
