@@ -27,6 +27,8 @@
 #              memory, ratio ours / reference per implementation, step-0 loss and grad norm
 #   attention  our step (dense experts) with XLA attention and jax's dot_product_attention: their
 #              step-0 loss / grad norm against step's cuDNN one is the cuDNN correctness check
+#   tokamax_tiles  (if time is left) tokamax's Mosaic ragged_dot at each of bench.TOKAMAX_TILES
+#              against its heuristics and the dense matmul, dx and dw timed apart
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,10 +69,11 @@ run() {
 
   # in priority order: name, time cap (s), arguments
   local att=${ATTENTION:-cudnn}
-  step gemm 120 --gemm
+  step gemm 120 --gemm --gemm-skip tokamax_tuned
   step step 330 --moe-impl "${STEP_IMPLS:-pallas,tokamax,dense,ragged}" --attention-impl "$att" \
     --reference hf
   step attention 110 --moe-impl dense --attention-impl xla,dot_product_attention
+  step tokamax_tiles 100 --gemm --gemm-only dense_matmul,tokamax_mosaic,tokamax_tuned
 }
 
 step() {

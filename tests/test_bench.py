@@ -60,6 +60,20 @@ def test_cli_gemm_mode(capsys):
     assert not any(op.startswith("pallas") for op in rows)  # interpret mode is not timed
     for op in timed:
         assert rows[op]["fwd_tflops"] > 0 and rows[op]["bwd_tflops"] > 0, rows[op]
+    for op in ("scan_gmm[bm=128]", "scan_gmm[bm=256]"):  # kernels: dx and dw also timed apart
+        assert rows[op]["dx_tflops"] > 0 and rows[op]["dw_tflops"] > 0, rows[op]
+    assert "dx_tflops" not in rows["ragged_dot"]
+
+
+def test_cli_gemm_only_runs_the_named_cases(capsys):
+    assert bench.main(["--config", "tiny", "--gemm", "--batch-pairs", "1", "--seq-len", "32",
+                       "--gemm-only", "dense_matmul,scan_gmm[bm=128]"]) == 0
+    rows = _last_json(capsys.readouterr().out)["gemm"]
+    assert [r["op"] for r in rows] == ["dense_matmul_same_flops", "scan_gmm[bm=128]"]
+    assert bench.main(["--config", "tiny", "--gemm", "--batch-pairs", "1", "--seq-len", "32",
+                       "--gemm-only", "scan_gmm", "--gemm-skip", "scan_gmm_skewed"]) == 0
+    rows = _last_json(capsys.readouterr().out)["gemm"]
+    assert [r["op"] for r in rows] == ["scan_gmm[bm=128]", "scan_gmm[bm=256]"]
 
 
 @pytest.mark.parametrize(("moe_impl", "experts_impl"),

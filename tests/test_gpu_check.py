@@ -19,10 +19,13 @@ def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (tmp_path / "gpu_check.log").read_text()
-    for name in ("gemm", "step", "attention"):
+    for name in ("gemm", "step", "attention", "tokamax_tiles"):
         assert f"== {name}: exit 0" in log, log[-3000:]
     gemm = json.loads((tmp_path / "gemm.json").read_text())
     assert {r["op"] for r in gemm["gemm"]} >= {"ragged_dot", "scan_gmm_skewed"}
+    # no tokamax on this Python: the tile step keeps only its same-run dense baseline
+    tiles = json.loads((tmp_path / "tokamax_tiles.json").read_text())
+    assert [r["op"] for r in tiles["gemm"]] == ["dense_matmul_same_flops"]
     step = json.loads((tmp_path / "step.json").read_text())
     assert step["ratio"] > 0 and [v["moe_impl"] for v in step["variants"]] == ["scan", "dense"]
     att = json.loads((tmp_path / "attention.json").read_text())

@@ -176,3 +176,95 @@ def test_scan_gmm_rejects_a_bad_tile():
 
     with pytest.raises(ValueError, match="bm .* positive integer, got 0"):
         scan_gmm(jnp.zeros((8, 4)), jnp.zeros((1, 4, 4)), jnp.asarray([8], jnp.int32), bm=0)
+
+
+def _fake_tokamax(monkeypatch):
+    """A stand-in for tokamax 0.0.17 (not installable on Python 3.11) with the module layout and
+    signatures `dispatch.tokamax_matmul` uses; its ragged_dot is jax's, and every call records
+    what it was given, so the wiring (not tokamax's kernels) is what is checked here."""
+    import dataclasses
+    import enum
+    import sys
+    import types
+
+    import jax
+
+    calls = []
+
+    class MatmulDimension(enum.IntEnum):
+        M = 0
+        N = 1
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        block_m: int
+        block_n: int
+        block_k: int
+        num_stages: int
+        split_k: int
+        persistent: bool = True
+        grid_minor_dim: MatmulDimension = MatmulDimension.N
+        grid_tile_width: int = 1
+
+    @dataclasses.dataclass(frozen=True)
+    class PallasMosaicGpuRaggedDot:
+        config: Config | None = None
+        vjp: object = None
+
+    def vjp(*args, dlhs_ragged_dot=None, drhs_ragged_dot=None, **kwargs):
+        raise AssertionError("not called here")
+
+    def ragged_dot(lhs, rhs, group_sizes, *, implementation=None):
+        calls.append(implementation)
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes) + 1.0  # +1: rows past groups non-zero
+
+    mods = {
+        "tokamax": types.ModuleType("tokamax"),
+        "tokamax._src": types.ModuleType("tokamax._src"),
+        "tokamax._src.ops": types.ModuleType("tokamax._src.ops"),
+        "tokamax._src.ops.ragged_dot": types.ModuleType("tokamax._src.ops.ragged_dot"),
+        "tokamax._src.ops.ragged_dot.base": types.SimpleNamespace(vjp=vjp),
+        "tokamax._src.ops.ragged_dot.pallas_mosaic_gpu": types.SimpleNamespace(
+            PallasMosaicGpuRaggedDot=PallasMosaicGpuRaggedDot, Config=Config),
+        "tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common": types.SimpleNamespace(
+            MatmulDimension=MatmulDimension),
+    }
+    mods["tokamax"].ragged_dot = ragged_dot
+    mods["tokamax"]._src = mods["tokamax._src"]
+    mods["tokamax._src"].ops = mods["tokamax._src.ops"]
+    mods["tokamax._src.ops"].ragged_dot = mods["tokamax._src.ops.ragged_dot"]
+    for name in ("base", "pallas_mosaic_gpu", "pallas_mosaic_gpu_common"):
+        setattr(mods["tokamax._src.ops.ragged_dot"], name, mods[f"tokamax._src.ops.ragged_dot.{name}"])
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    return calls, MatmulDimension
+
+
+def test_tokamax_matmul_passes_block_configs_to_all_three_kernels(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from zephyr_jax.model import dispatch
+
+    calls, dims = _fake_tokamax(monkeypatch)
+    x = jnp.ones((10, 4), jnp.float32)
+    w = jnp.ones((3, 4, 5), jnp.float32)
+    sizes = jnp.array([2, 0, 5], jnp.int32)  # 7 of 10 rows in groups
+
+    y = dispatch.tokamax_matmul()(x, w, sizes)  # no configs: tokamax's public path, heuristics
+    assert calls[-1] == "mosaic"
+    np.testing.assert_array_equal(y[7:], 0)  # rows past the groups zeroed by us
+    np.testing.assert_array_equal(y[:7], jax.lax.ragged_dot(x, w, sizes)[:7] + 1)
+
+    fwd = {"block_m": 128, "block_n": 64, "block_k": 128, "num_stages": 4, "split_k": 1,
+           "persistent": False, "grid_minor_dim": "M", "grid_tile_width": 2}
+    dw = {**fwd, "block_k": 64, "grid_minor_dim": "N"}
+    dispatch.tokamax_matmul(fwd, None, dw)(x, w, sizes)
+    op = calls[-1]
+    assert op.config.block_m == 128 and op.config.grid_minor_dim is dims.M
+    assert op.config.persistent is False and op.config.grid_tile_width == 2
+    assert op.vjp.keywords["dlhs_ragged_dot"].config is None  # dx: tokamax's heuristics
+    dw_op = op.vjp.keywords["drhs_ragged_dot"]
+    assert dw_op.config.block_k == 64 and dw_op.config.grid_minor_dim is dims.N
+    # the dispatch's default is tokamax's heuristics for all three until a GPU measures better
+    assert dict(dispatch.TOKAMAX_CONFIGS) == {"fwd": None, "dx": None, "dw": None}

@@ -223,20 +223,38 @@ def run_reference(cfg: MixtralConfig, batch: dict[str, np.ndarray], steps: int, 
 # Pallas grouped-GEMM tile candidates (bm, bk, bn, num_warps, num_stages) tried by `--gemm` on a GPU.
 GMM_TILES = ((128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4),
              (128, 128, 128, 8, 3), (256, 64, 128, 8, 3))
+# tokamax Mosaic-GPU (Hopper) block configs tried, each for its forward, dx and dw kernels alike
+# (`bench --gemm` reports dx and dw apart, so the best of each can differ); tokamax's own sm90
+# heuristic is 64 x 64 x 128 output x contraction tiles, 2 stages, not persistent (the plain
+# "tokamax_mosaic" row). Shared memory: (bm x bk + bk x bn) x 2 bytes x stages + the output tile
+# stays under Hopper's 227 KiB for each.
+TOKAMAX_TILES = (
+    {"block_m": 128, "block_n": 64, "block_k": 128, "num_stages": 4, "split_k": 1,
+     "persistent": False, "grid_minor_dim": "M", "grid_tile_width": 1},
+    {"block_m": 64, "block_n": 128, "block_k": 128, "num_stages": 4, "split_k": 1,
+     "persistent": False, "grid_minor_dim": "M", "grid_tile_width": 1},
+    {"block_m": 128, "block_n": 128, "block_k": 64, "num_stages": 4, "split_k": 1,
+     "persistent": True, "grid_minor_dim": "N", "grid_tile_width": 4},
+    {"block_m": 64, "block_n": 256, "block_k": 64, "num_stages": 4, "split_k": 1,
+     "persistent": True, "grid_minor_dim": "M", "grid_tile_width": 8},
+)
 # scan_gmm row-tile sizes tried: CPU, and larger tiles on accelerators
 SCAN_ROWS = {"cpu": (128, 256)}
 SCAN_ROWS_ACCEL = (256, 1024)
 
 
 def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: str, *,
-                       repeats: int = 10) -> list[dict]:
+                       repeats: int = 10, only: list[str] | None = None,
+                       skip: list[str] | None = None) -> list[dict]:
     """The expert layer's up-projection (rows routed to experts, hidden -> intermediate) through
     every grouped GEMM this platform can run, forward and backward (dx, dw), against a dense matmul
     of the same FLOPs and the equal-capacity batched einsum `[E, C, d] x [E, d, f]`: PERF.md's table
     for this config. `jax.lax.ragged_dot`; `scan_gmm` at `SCAN_ROWS`; on a GPU our Pallas `gmm` at
     each of `GMM_TILES` (off a GPU it is Pallas' interpreter, far too slow to time); tokamax's
-    Mosaic ragged_dot where installed. Backward rows time the VJP alone (forward residuals
-    precomputed), at twice the forward's FLOPs."""
+    Mosaic ragged_dot where installed, with its heuristics and at each of `TOKAMAX_TILES`.
+    Backward rows time the VJP alone (forward residuals precomputed), at twice the forward's
+    FLOPs; the tile candidates also time dx and dw alone. `only` / `skip`: keep / drop the cases
+    whose names start with one of these."""
     from zephyr_jax.kernels import gmm, scan_gmm
 
     d, f, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
@@ -252,7 +270,9 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
     skewed = jnp.array([M - (E - 1) * r] + [r] * (E - 1), jnp.int32)
     flops = 2.0 * M * d * f
 
-    # (name, fn(x, w), time the backward too, group sizes for the error check or None)
+    # (name, fn(x, w), time the backward too, group sizes for the error check or None); kernel
+    # tile candidates also time dx and dw apart (name in `split`)
+    split = set()
     cases = [("dense_matmul_same_flops", lambda x, w: x @ w.reshape(E * d, f)[:d], True, None),
              ("batched_einsum_capacity",
               lambda x, w: jnp.einsum("ecd,edf->ecf", x.reshape(E, M // E, d), w), True, None),
@@ -261,24 +281,42 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
     for bm in SCAN_ROWS.get(platform, SCAN_ROWS_ACCEL):
         cases.append((f"scan_gmm[bm={bm}]", lambda x, w, bm=bm: scan_gmm(x, w, even, bm=bm),
                       True, even))
+        split.add(cases[-1][0])
     cases.append(("scan_gmm_skewed", lambda x, w: scan_gmm(x, w, skewed), False, skewed))
     if platform == "gpu":
         for bm, bk, bn, nw, ns in GMM_TILES:
             fn = (lambda x, w, t=(bm, bk, bn, nw, ns):
                   gmm(x, w, even, bm=t[0], bk=t[1], bn=t[2], num_warps=t[3], num_stages=t[4]))
             cases.append((f"pallas_gmm[{bm},{bk},{bn},w{nw},s{ns}]", fn, True, even))
+            split.add(cases[-1][0])
         cases.append(("pallas_gmm_skewed", lambda x, w: gmm(x, w, skewed), False, skewed))
     if dispatch.tokamax_available():
         tokamax_dot = dispatch.GROUPED_MATMULS["tokamax"]
         cases.append(("tokamax_mosaic", lambda x, w: tokamax_dot(x, w, even), True, even))
         cases.append(("tokamax_mosaic_skewed", lambda x, w: tokamax_dot(x, w, skewed), False,
                       skewed))
+        for t in TOKAMAX_TILES:
+            dot = dispatch.tokamax_matmul(t, t, t)
+            fn = (lambda x, w, dot=dot: dot(x, w, even))
+            cases.append((f"tokamax_tuned[{_tile_name(t)}]", fn, True, even))
+            split.add(cases[-1][0])
+    if only:
+        cases = [c for c in cases if c[0].startswith(tuple(only))]
+    if skip:
+        cases = [c for c in cases if not c[0].startswith(tuple(skip))]
     base = {"rows": M, "d": d, "f": f, "experts": E, "dtype": cfg.dtype}
-    return [{"op": name, **base, **_time_case(fn, x, w, dy, flops, with_bwd, repeats, sizes)}
+    return [{"op": name, **base,
+             **_time_case(fn, x, w, dy, flops, with_bwd, repeats, sizes, name in split)}
             for name, fn, with_bwd, sizes in cases]
 
 
-def _time_case(fn, x, w, dy, flops: float, with_bwd: bool, repeats: int, sizes=None) -> dict:
+def _tile_name(t: dict) -> str:
+    return (f"{t['block_m']}x{t['block_n']}x{t['block_k']},s{t['num_stages']},"
+            f"{'persistent' if t['persistent'] else 'grid'},{t['grid_minor_dim']}{t['grid_tile_width']}")
+
+
+def _time_case(fn, x, w, dy, flops: float, with_bwd: bool, repeats: int, sizes=None,
+               split: bool = False) -> dict:
     """Best-of-`repeats` forward (and VJP) time of `fn(x, w)`; a failure is reported, not raised.
 
     For a grouped GEMM (`sizes` given) also its max relative error against `jax.lax.ragged_dot`
@@ -295,6 +333,11 @@ def _time_case(fn, x, w, dy, flops: float, with_bwd: bool, repeats: int, sizes=N
             g = dy.reshape(jax.eval_shape(fn, x, w).shape)
             row["bwd_s"] = _best_time(lambda: bwd(vjp_fn, g), repeats)
             row["bwd_tflops"] = 2 * flops / row["bwd_s"] / 1e12
+            if split:  # each cotangent alone: jit drops the other kernel
+                for i, part in enumerate(("dx", "dw")):
+                    one = jax.jit(lambda vjp_fn, g, i=i: vjp_fn(g)[i])
+                    row[f"{part}_s"] = _best_time(lambda one=one: one(vjp_fn, g), repeats)
+                    row[f"{part}_tflops"] = flops / row[f"{part}_s"] / 1e12
         if sizes is not None:
             row.update(_errors_vs_ragged_dot(fn, x, w, dy, sizes, with_bwd))
     except Exception as e:  # a failing candidate (a kernel that does not build) is a result
@@ -371,6 +414,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="reference: torch.compile (auto: on CUDA only, eager if it fails)")
     p.add_argument("--gemm", action="store_true", help="time the expert grouped GEMM instead")
+    p.add_argument("--gemm-only", default=None,
+                   help="with --gemm: comma-separated name prefixes of the cases to run "
+                        "(e.g. dense_matmul,tokamax_tuned)")
+    p.add_argument("--gemm-skip", default=None,
+                   help="with --gemm: comma-separated name prefixes of cases to leave out")
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -484,9 +532,13 @@ def _compare(ref: dict, tokens: int, fpt: float, peak: float) -> dict:
 
 def measure_gemm(a: argparse.Namespace, device: jax.Device, name: str, cfg: MixtralConfig,
                  pairs: int, seq: int) -> dict:
-    rows = bench_grouped_gemm(cfg, pairs, seq, device.platform)
+    only = a.gemm_only.split(",") if a.gemm_only else None
+    skip = a.gemm_skip.split(",") if a.gemm_skip else None
+    rows = bench_grouped_gemm(cfg, pairs, seq, device.platform, only=only, skip=skip)
     for r in rows:
         bwd = f", backward {r['bwd_tflops']:.3f} TFLOP/s" if "bwd_tflops" in r else ""
+        if "dx_tflops" in r:
+            bwd += f" (dx {r['dx_tflops']:.3f}, dw {r['dw_tflops']:.3f})"
         errs = ", ".join(f"{k.split('_vs_')[0]} {v:.1e}" for k, v in r.items() if "_vs_" in k)
         errs = f" (vs ragged_dot: {errs})" if errs else ""
         log(f"{r['op']}: " + (r["error"] if "error" in r else

@@ -29,6 +29,7 @@ import functools
 import importlib.util
 import math
 from collections.abc import Callable
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +88,7 @@ def _combine(out_sorted_MD, order_M, weight_NK, dtype):
     return y_ND.astype(dtype)
 
 
-def _tokamax_ragged_dot(x_MK, w_GKN, group_sizes_G):
-    """tokamax's Mosaic-GPU `ragged_dot` (optional: Python >= 3.12, jax >= 0.11.1, NVIDIA GPUs)."""
+def _import_tokamax():
     try:
         import tokamax
     except ImportError as e:
@@ -96,11 +96,52 @@ def _tokamax_ragged_dot(x_MK, w_GKN, group_sizes_G):
             "moe_impl='tokamax' needs the optional tokamax package (pip install tokamax; it needs "
             "Python >= 3.12 and jax >= 0.11.1); moe_impl='auto' picks another implementation "
             "when it is missing") from e
-    y_MN = tokamax.ragged_dot(x_MK, w_GKN, group_sizes_G, implementation="mosaic")
-    # rows past the groups ("no expert" slots of the expert-parallel buffers) must come out zero,
-    # which ragged_dot guarantees and tokamax does not document
-    rows_M = jnp.arange(x_MK.shape[0]) < jnp.sum(group_sizes_G)
-    return jnp.where(rows_M[:, None], y_MN, 0).astype(x_MK.dtype)
+    return tokamax
+
+
+def _tokamax_op(fwd: dict | None, dx: dict | None, dw: dict | None):
+    """tokamax's Mosaic-GPU ragged_dot op with block configs for its three kernels.
+
+    tokamax 0.0.17 takes a config per op object only (its public `ragged_dot` runs its heuristics,
+    64 x 64 tiles on Hopper), and its VJP builds default ops for dx and dw, so the VJP is rebuilt
+    here from ops carrying their own configs. Private modules: pinned to tokamax 0.0.17."""
+    from tokamax._src.ops.ragged_dot import base
+    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu as mgpu
+    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu_common as common
+
+    def op(fields: dict | None, **kw):
+        if fields is None:
+            return mgpu.PallasMosaicGpuRaggedDot(**kw)
+        fields = dict(fields)
+        if isinstance(fields.get("grid_minor_dim"), str):
+            fields["grid_minor_dim"] = common.MatmulDimension[fields["grid_minor_dim"]]
+        return mgpu.PallasMosaicGpuRaggedDot(config=mgpu.Config(**fields), **kw)
+
+    vjp = functools.partial(base.vjp, dlhs_ragged_dot=op(dx), drhs_ragged_dot=op(dw))
+    return op(fwd, vjp=vjp)
+
+
+def tokamax_matmul(fwd: dict | None = None, dx: dict | None = None, dw: dict | None = None):
+    """tokamax's Mosaic-GPU `ragged_dot` (optional: Python >= 3.12, jax >= 0.11.1, NVIDIA GPUs),
+    with block configs for its forward, dx and dw kernels: dicts of tokamax's `Config` fields
+    (`block_m`, `block_n`, `block_k`, `num_stages`, `split_k`, `persistent`, `grid_minor_dim`
+    "M" / "N", `grid_tile_width`); None runs tokamax's heuristics for that kernel."""
+
+    def matmul(x_MK, w_GKN, group_sizes_G):
+        tokamax = _import_tokamax()
+        impl = "mosaic" if fwd is None and dx is None and dw is None else _tokamax_op(fwd, dx, dw)
+        y_MN = tokamax.ragged_dot(x_MK, w_GKN, group_sizes_G, implementation=impl)
+        # rows past the groups ("no expert" slots of the expert-parallel buffers) must come out
+        # zero, which ragged_dot guarantees and tokamax does not document
+        rows_M = jnp.arange(x_MK.shape[0]) < jnp.sum(group_sizes_G)
+        return jnp.where(rows_M[:, None], y_MN, 0).astype(x_MK.dtype)
+
+    return matmul
+
+
+# The block configs moe_impl="tokamax" runs (forward, dx, dw): tokamax's heuristics until a GPU
+# measures better ones (`bench --gemm` times TOKAMAX_TILES; docs/gpu_check.sh).
+TOKAMAX_CONFIGS = MappingProxyType({"fwd": None, "dx": None, "dw": None})
 
 
 # Grouped GEMMs equal to `jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)` (forward and VJP, rows
@@ -109,7 +150,7 @@ GROUPED_MATMULS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array
     "ragged": jax.lax.ragged_dot,  # XLA's lowering: native on TPU, slow on GPU and CPU
     "scan": scan_gmm,  # a loop of dense matmuls (zephyr_jax/kernels/scan_gmm.py): the CPU path
     "pallas": gmm,  # Pallas/Triton kernels (zephyr_jax/kernels/grouped_gemm.py): GPU
-    "tokamax": _tokamax_ragged_dot,
+    "tokamax": tokamax_matmul(**TOKAMAX_CONFIGS),
 }
 
 
