@@ -178,6 +178,42 @@ def test_scan_gmm_rejects_a_bad_tile():
         scan_gmm(jnp.zeros((8, 4)), jnp.zeros((1, 4, 4)), jnp.asarray([8], jnp.int32), bm=0)
 
 
+@pytest.mark.parametrize("case", ["uneven_with_empty_group", "padded_to_blocks"])
+def test_pallas_gmm_dw_tiles_apart_from_the_forward_tiles(case):
+    """The dw kernel takes its own (rows, K, N) blocks: padding fits both kernels' blocks and the
+    gradients still equal ragged_dot's."""
+    import jax
+    import jax.numpy as jnp
+
+    from zephyr_jax.kernels import gmm
+
+    M, K, N, sizes, _ = GMM_CASES[case]
+    kx, kw, kd = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (M, K), jnp.float32)
+    w = jax.random.normal(kw, (len(sizes), K, N), jnp.float32)
+    dy = jax.random.normal(kd, (M, N), jnp.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    fn = lambda x, w: gmm(x, w, group_sizes, bm=16, bk=16, bn=16, dw_tiles=(32, 16, 64),  # noqa: E731
+                          interpret=True)
+    y, vjp = jax.vjp(fn, x, w)
+    y_ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes), x, w)
+    assert _rel_err(y, y_ref) <= 1e-5
+    for g, r in zip(vjp(dy), vjp_ref(dy), strict=True):
+        assert g.shape == r.shape and _rel_err(g, r) <= 1e-5
+
+
+def test_pallas_gmm_rejects_blocks_that_are_not_powers_of_two():
+    import jax.numpy as jnp
+
+    from zephyr_jax.kernels import gmm
+
+    x, w, sizes = jnp.zeros((32, 16)), jnp.zeros((1, 16, 16)), jnp.asarray([32], jnp.int32)
+    with pytest.raises(ValueError, match=r"block bm=96 must be a power of two >= 16"):
+        gmm(x, w, sizes, bm=96, interpret=True)
+    with pytest.raises(ValueError, match=r"block dw_tiles\[2\]=8 must be a power of two >= 16"):
+        gmm(x, w, sizes, dw_tiles=(16, 16, 8), interpret=True)
+
+
 def _fake_tokamax(monkeypatch):
     """A stand-in for tokamax 0.0.17 (not installable on Python 3.11) with the module layout and
     signatures `dispatch.tokamax_matmul` uses; its ragged_dot is jax's, and every call records

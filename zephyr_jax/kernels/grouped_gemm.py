@@ -43,7 +43,10 @@ from zephyr_jax.kernels.tiling import (
 
 
 class Tiles(NamedTuple):
-    """Block sizes (powers of two, >= 16 for Triton's dot) and Triton launch parameters."""
+    """Block sizes (powers of two, >= 16 for Triton's dot) and Triton launch parameters.
+
+    (bm, bk, bn) tile the forward and dx kernels; (dw_bm, dw_bk, dw_bn) the dw kernel, whose
+    output is a [dw_bk, dw_bn] block and whose loop runs over dw_bm-row tiles."""
 
     bm: int = 128
     bk: int = 64
@@ -51,6 +54,9 @@ class Tiles(NamedTuple):
     num_warps: int = 8
     num_stages: int = 3
     interpret: bool = False
+    dw_bm: int = 128
+    dw_bk: int = 64
+    dw_bn: int = 128
 
 
 def _round_up(n: int, m: int) -> int:
@@ -66,9 +72,11 @@ def _fit(block: int, dim: int) -> int:
 
 def gmm(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, bm: int = 128,
         bk: int = 64, bn: int = 128, num_warps: int = 8, num_stages: int = 3,
-        interpret: bool | None = None) -> jax.Array:
+        dw_tiles: tuple[int, int, int] | None = None, interpret: bool | None = None) -> jax.Array:
     """`jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)` (forward and gradients) as Pallas kernels.
 
+    (bm, bk, bn): rows, contraction and output columns per block of the forward and dx kernels;
+    `dw_tiles` = (rows, K, N) per block of the dw kernel (default: the same three).
     `interpret=None` means the Triton kernels on a GPU and Pallas' interpreter elsewhere.
     `sum(group_sizes_G)` must not exceed M (as for ragged_dot; not checked, it is traced).
     """
@@ -77,10 +85,18 @@ def gmm(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, bm: int 
     N = w_GKN.shape[2]
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    dw_bm, dw_bk, dw_bn = dw_tiles or (bm, bk, bn)
+    for name, b in (("bm", bm), ("bk", bk), ("bn", bn), ("dw_tiles[0]", dw_bm),
+                    ("dw_tiles[1]", dw_bk), ("dw_tiles[2]", dw_bn)):
+        if not (isinstance(b, int) and b >= 16 and b & (b - 1) == 0):
+            raise ValueError(f"gmm: block {name}={b!r} must be a power of two >= 16 (Triton's dot)")
     bm, bk, bn = _fit(bm, M), _fit(bk, K), _fit(bn, N)
-    tiles = Tiles(bm, bk, bn, num_warps, num_stages, bool(interpret))
-    kn = max(bk, bn)  # K and N are both contraction and output dims across fwd / bwd
-    Mp, Kp, Np = _round_up(M, bm), _round_up(K, kn), _round_up(N, kn)
+    dw_bm, dw_bk, dw_bn = _fit(dw_bm, M), _fit(dw_bk, K), _fit(dw_bn, N)
+    tiles = Tiles(bm, bk, bn, num_warps, num_stages, bool(interpret), dw_bm, dw_bk, dw_bn)
+    # blocks are powers of two, so padding to the largest one fits every kernel's blocks; K and N
+    # are both contraction and output dims across forward / dx
+    kn = max(bk, bn, dw_bk, dw_bn)
+    Mp, Kp, Np = _round_up(M, max(bm, dw_bm)), _round_up(K, kn), _round_up(N, kn)
     if (Mp, Kp) != (M, K):
         x_MK = jnp.pad(x_MK, ((0, Mp - M), (0, Kp - K)))
     if (Kp, Np) != (K, N):
@@ -165,7 +181,7 @@ def _tgmm(x_MK, dy_MN, group_sizes_G, tiles: Tiles):
     M, K = x_MK.shape
     N = dy_MN.shape[1]
     G = group_sizes_G.shape[0]
-    bm, bk, bn = tiles.bm, tiles.bk, tiles.bn
+    bm, bk, bn = tiles.dw_bm, tiles.dw_bk, tiles.dw_bn
     starts, ends = group_bounds(group_sizes_G, M)
 
     def kernel(starts_ref, ends_ref, x_ref, dy_ref, out_ref):

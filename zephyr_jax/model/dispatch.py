@@ -142,6 +142,10 @@ def tokamax_matmul(fwd: dict | None = None, dx: dict | None = None, dw: dict | N
 # The block configs moe_impl="tokamax" runs (forward, dx, dw): tokamax's heuristics until a GPU
 # measures better ones (`bench --gemm` times TOKAMAX_TILES; docs/gpu_check.sh).
 TOKAMAX_CONFIGS = MappingProxyType({"fwd": None, "dx": None, "dw": None})
+# The tiles moe_impl="pallas" runs (forward and dx; dw), `gmm`'s defaults until a GPU measures
+# better ones (`bench --gemm` times bench.GMM_TILES, dx and dw apart).
+PALLAS_TILES = MappingProxyType({"bm": 128, "bk": 64, "bn": 128, "num_warps": 8, "num_stages": 3,
+                                 "dw_tiles": (128, 64, 128)})
 
 
 # Grouped GEMMs equal to `jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)` (forward and VJP, rows
@@ -149,7 +153,7 @@ TOKAMAX_CONFIGS = MappingProxyType({"fwd": None, "dx": None, "dw": None})
 GROUPED_MATMULS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
     "ragged": jax.lax.ragged_dot,  # XLA's lowering: native on TPU, slow on GPU and CPU
     "scan": scan_gmm,  # a loop of dense matmuls (zephyr_jax/kernels/scan_gmm.py): the CPU path
-    "pallas": gmm,  # Pallas/Triton kernels (zephyr_jax/kernels/grouped_gemm.py): GPU
+    "pallas": functools.partial(gmm, **PALLAS_TILES),  # Pallas/Triton (kernels/grouped_gemm.py)
     "tokamax": tokamax_matmul(**TOKAMAX_CONFIGS),
 }
 
