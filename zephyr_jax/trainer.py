@@ -238,8 +238,15 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
     def to_global(batch, leading):
         return {k: sharding.global_batch_array(v, mesh, rules, leading) for k, v in batch.items()}
 
+    def next_batch():
+        return to_global(_stack_micro([next(loader) for _ in range(accum)]), leading=1)
+
+    # the loader runs one batch ahead of the state (below), so checkpoints record the position
+    # after the batches the saved state has consumed, not the loader's own
+    data_state = loader.get_state()
+
     def save_meta() -> dict:
-        return {"step": int(state.step), "data_state": loader.get_state(), "config": cfg.to_dict(),
+        return {"step": int(state.step), "data_state": data_state, "config": cfg.to_dict(),
                 "model_config": model_cfg.to_hf()}
 
     # resume_step drops what a killed run logged past its checkpoint, so the log has no duplicates
@@ -251,9 +258,13 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
     step, window, last_logged = int(state.step), [], {}
     progress = logger.progress(total=total_steps, initial=step)
     with _StopFlag() as stop:
+        batch = next_batch() if step < total_steps else None
         while step < total_steps:
-            batch = to_global(_stack_micro([next(loader) for _ in range(accum)]), leading=1)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, batch)  # dispatched: the device runs it from here
+            data_state = loader.get_state()
+            # read and send the next batch while this step runs, instead of after it: the
+            # device_get below is the loop's only wait for the device
+            batch = next_batch() if step + 1 < total_steps else None
             metrics = jax.device_get(metrics)
             step += 1
             if not metrics.pop("finite"):
