@@ -21,7 +21,7 @@
 #              same FLOPs, the equal-capacity batched einsum, jax.lax.ragged_dot, our scan_gmm,
 #              our Pallas kernel at 6 tile configurations, tokamax's Mosaic ragged_dot; forward
 #              and backward (dx, dw) TFLOP/s and each one's error against ragged_dot on the GPU
-#   step       our ORPO step with cuDNN attention and each MoE implementation (pallas, tokamax,
+#   step       our ORPO step with cuDNN attention and each MoE implementation (tokamax, pallas, scan,
 #              dense, ragged) against ONE transformers + PyTorch run in the same invocation
 #              (grouped_mm experts, sdpa, torch.compile when it works): tokens/s, MFU, peak
 #              memory, ratio ours / reference per implementation, step-0 loss and grad norm
@@ -70,7 +70,7 @@ run() {
   # in priority order: name, time cap (s), arguments
   local att=${ATTENTION:-cudnn}
   step gemm 120 --gemm --gemm-skip tokamax_tuned
-  step step 330 --moe-impl "${STEP_IMPLS:-pallas,tokamax,dense,ragged}" --attention-impl "$att" \
+  step step 330 --moe-impl "${STEP_IMPLS:-tokamax,pallas,scan,dense,ragged}" --attention-impl "$att" \
     --reference hf
   step attention 110 --moe-impl dense --attention-impl xla,dot_product_attention
   step tokamax_tiles 100 --gemm --gemm-only dense_matmul,tokamax_mosaic,tokamax_tuned

@@ -240,7 +240,7 @@ TOKAMAX_TILES = (
 )
 # scan_gmm row-tile sizes tried: CPU, and larger tiles on accelerators
 SCAN_ROWS = {"cpu": (128, 256)}
-SCAN_ROWS_ACCEL = (256, 1024)
+SCAN_ROWS_ACCEL = (256, 512, 1024)
 
 
 def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: str, *,
@@ -460,11 +460,11 @@ def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
     fpt = flops_per_token(cfg, seq)
     log(f"MFU = tokens/s x FLOPs/token / peak; FLOPs/token = {fpt / 1e6:,.1f} M (6 x active matmul "
         f"params + 6 x layers x seq x hidden); peak {peak / 1e12:.4g} TFLOP/s [{peak_source}]")
+    # logged before our variants run, so a run cut short still has the reference in its log
+    ref_fields = {} if ref is None else _compare(ref, tokens, fpt, peak)
     variants = [_measure_variant(a, device, cfg.replace(moe_impl=m, attention_impl=att), batch,
                                  tokens, fpt, peak) for m, att in combos]
-    ref_fields = {}
     if ref is not None:
-        ref_fields = _compare(ref, tokens, fpt, peak)
         for v in variants:
             if v.get("tokens_per_s"):
                 v["ratio"] = v["tokens_per_s"] / ref_fields["reference_tokens_per_s"]

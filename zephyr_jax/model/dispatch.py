@@ -148,11 +148,23 @@ PALLAS_TILES = MappingProxyType({"bm": 128, "bk": 64, "bn": 128, "num_warps": 8,
                                  "dw_tiles": (128, 64, 128)})
 
 
+# scan_gmm's rows per tile by platform: each tile is one dense [bm, K] x [K, N] matmul, and each
+# group wastes at most one partial tile. CPU: 256 (bench --gemm, docs/PERFORMANCE.md); elsewhere
+# larger matmuls keep a GPU busy: 512, unmeasured until the GPU check times 256 / 512 / 1024.
+SCAN_ROWS = MappingProxyType({"cpu": 256})
+SCAN_ROWS_ACCELERATOR = 512
+
+
+def _scan_matmul(x_MK, w_GKN, group_sizes_G):
+    bm = SCAN_ROWS.get(jax.default_backend(), SCAN_ROWS_ACCELERATOR)
+    return scan_gmm(x_MK, w_GKN, group_sizes_G, bm=bm)
+
+
 # Grouped GEMMs equal to `jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)` (forward and VJP, rows
 # past the groups zero); each makes a dropless dispatch below.
 GROUPED_MATMULS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
     "ragged": jax.lax.ragged_dot,  # XLA's lowering: native on TPU, slow on GPU and CPU
-    "scan": scan_gmm,  # a loop of dense matmuls (zephyr_jax/kernels/scan_gmm.py): the CPU path
+    "scan": _scan_matmul,  # a loop of dense matmuls (zephyr_jax/kernels/scan_gmm.py): the CPU path
     "pallas": functools.partial(gmm, **PALLAS_TILES),  # Pallas/Triton (kernels/grouped_gemm.py)
     "tokamax": tokamax_matmul(**TOKAMAX_CONFIGS),
 }
