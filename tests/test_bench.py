@@ -174,3 +174,30 @@ def test_unknown_moe_impl_in_the_list_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--moe-impl", "scan,fast"])
     assert e.value.code == 2 and "'fast'" in capsys.readouterr().err
+
+
+def _host_round_trips(hlo_text: str) -> list[str]:
+    """Instructions of a compiled module that wait on the host: callbacks, infeed/outfeed,
+    send/recv."""
+    return [line.strip() for line in hlo_text.splitlines()
+            if any(k in line for k in ("callback", " infeed(", " outfeed(", " send(", " recv("))]
+
+
+def test_train_step_has_no_host_round_trips():
+    """The trainer's step (what the bench times) runs on the device start to finish: no host
+    callback, infeed or outfeed in its compiled program (a jax.debug.print left in would add one;
+    the control below shows the check sees it)."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = MixtralConfig.preset("tiny")
+    batch = bench.make_batch(cfg.vocab_size, pairs=1, seq_len=16)
+    compiled, *_ = bench.build_step(cfg, bench.init_params(cfg), batch)
+    assert _host_round_trips(compiled.as_text()) == []
+
+    def noisy(x):
+        jax.debug.print("x = {}", x)
+        return x + 1
+
+    control = jax.jit(noisy).lower(jnp.ones(3)).compile().as_text()
+    assert _host_round_trips(control)
