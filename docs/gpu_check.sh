@@ -29,6 +29,8 @@
 #              step-0 loss / grad norm against step's cuDNN one is the cuDNN correctness check
 #   tokamax_tiles  (if time is left) tokamax's Mosaic ragged_dot at each of bench.TOKAMAX_TILES
 #              against its heuristics and the dense matmul, dx and dw timed apart
+#   remat      (if time is left) the default step under the named remat policies save_matmuls and
+#              save_attention: their cost in tokens/s and their memory (step's rows: no remat)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,6 +76,7 @@ run() {
     --reference hf
   step attention 110 --moe-impl dense --attention-impl xla,dot_product_attention
   step tokamax_tiles 100 --gemm --gemm-only dense_matmul,tokamax_mosaic,tokamax_tuned
+  step remat 100 --moe-impl auto --attention-impl "$att" --remat save_matmuls,save_attention
 }
 
 step() {

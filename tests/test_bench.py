@@ -65,15 +65,12 @@ def test_cli_gemm_mode(capsys):
     assert "dx_tflops" not in rows["ragged_dot"]
 
 
-def test_cli_gemm_only_runs_the_named_cases(capsys):
+def test_cli_gemm_only_and_skip_select_cases_by_name_prefix(capsys):
     assert bench.main(["--config", "tiny", "--gemm", "--batch-pairs", "1", "--seq-len", "32",
-                       "--gemm-only", "dense_matmul,scan_gmm[bm=128]"]) == 0
+                       "--gemm-only", "dense_matmul,scan_gmm", "--gemm-skip", "scan_gmm_skewed"]) == 0
     rows = _last_json(capsys.readouterr().out)["gemm"]
-    assert [r["op"] for r in rows] == ["dense_matmul_same_flops", "scan_gmm[bm=128]"]
-    assert bench.main(["--config", "tiny", "--gemm", "--batch-pairs", "1", "--seq-len", "32",
-                       "--gemm-only", "scan_gmm", "--gemm-skip", "scan_gmm_skewed"]) == 0
-    rows = _last_json(capsys.readouterr().out)["gemm"]
-    assert [r["op"] for r in rows] == ["scan_gmm[bm=128]", "scan_gmm[bm=256]"]
+    assert [r["op"] for r in rows] == ["dense_matmul_same_flops", "scan_gmm[bm=128]",
+                                       "scan_gmm[bm=256]"]
 
 
 @pytest.mark.parametrize(("moe_impl", "experts_impl"),
@@ -174,6 +171,9 @@ def test_unknown_moe_impl_in_the_list_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--moe-impl", "scan,fast"])
     assert e.value.code == 2 and "'fast'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--remat", "none,some"])
+    assert e.value.code == 2 and "--remat 'some'" in capsys.readouterr().err
 
 
 def _host_round_trips(hlo_text: str) -> list[str]:

@@ -183,17 +183,24 @@ def time_ours(compiled, state, device_batch, steps: int,
     return times, loss0, grad_norm0
 
 
+def compiled_memory(compiled) -> int:
+    """XLA's static estimate for one call of `compiled`: arguments + outputs + temporaries -
+    donated (aliased) buffers."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
 def memory_report(device: jax.Device, compiled) -> tuple[int, str]:
     """(bytes, label): the allocator's peak on accelerators; XLA's static estimate on CPU."""
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), "device.memory_stats()['peak_bytes_in_use']"
-    m = compiled.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+        # jax cannot reset it: with several variants in one run it is the largest so far
+        return int(stats["peak_bytes_in_use"]), ("device.memory_stats()['peak_bytes_in_use'] "
+                                                 "(process-wide: the largest of this run so far)")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return int(total), (f"XLA memory_analysis: arguments + outputs + temporaries - donated "
-                        f"(process peak RSS {rss / 2**30:.2f} GiB)")
+    return compiled_memory(compiled), (f"XLA memory_analysis: arguments + outputs + temporaries "
+                                       f"- donated (process peak RSS {rss / 2**30:.2f} GiB)")
 
 
 # ----------------------------------------------------------------------------- reference
@@ -408,7 +415,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"one or a comma-separated list of {', '.join(ATTENTION_IMPLS)} (cudnn: "
                         "cuDNN flash attention, NVIDIA GPUs); with a --moe-impl list, every pair "
                         "is timed (default: the config's, xla)")
-    p.add_argument("--remat", choices=REMAT_POLICIES, default=None, help="default: the config's")
+    p.add_argument("--remat", default=None,
+                   help=f"one or a comma-separated list of {', '.join(REMAT_POLICIES)}: with the "
+                        "other lists, every combination is timed (default: the config's)")
     p.add_argument("--peak-tflops", type=float, default=None, help="declare the MFU peak")
     p.add_argument("--experts-impl", default="auto", help="reference: grouped_mm | eager | auto")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -424,8 +433,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--steps must be >= 1 and --warmup >= 0")
     a.moe_impls = a.moe_impl.split(",") if a.moe_impl else []
     a.attention_impls = a.attention_impl.split(",") if a.attention_impl else []
+    a.remats = a.remat.split(",") if a.remat else []
     for flag, given, allowed in (("--moe-impl", a.moe_impls, MOE_IMPLS),
-                                 ("--attention-impl", a.attention_impls, ATTENTION_IMPLS)):
+                                 ("--attention-impl", a.attention_impls, ATTENTION_IMPLS),
+                                 ("--remat", a.remats, REMAT_POLICIES)):
         for impl in given:
             if impl not in allowed:
                 p.error(f"{flag} {impl!r}: must be one of {', '.join(allowed)}")
@@ -434,17 +445,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: MixtralConfig,
                  pairs: int, seq: int) -> dict:
-    """Our step for each of `a.moe_impls` (and, with `--reference hf`, the reference first, once):
-    the result JSON's fields. The top-level numbers are the first implementation's; `variants`
-    holds one entry per implementation (a failing one records its error and the rest still run)."""
+    """Our step for each (moe_impl, attention_impl, remat) combination of the lists (and, with
+    `--reference hf`, the reference first, once): the result JSON's fields. The top-level numbers
+    are the first combination's; `variants` holds one entry per combination (a failing one
+    records its error and the rest still run)."""
     batch = make_batch(cfg.vocab_size, pairs, seq)
     tokens = 2 * pairs * seq
-    combos = [(m, att) for m in (a.moe_impls or [cfg.moe_impl])
-              for att in (a.attention_impls or [cfg.attention_impl])]
+    combos = [(m, att, r) for m in (a.moe_impls or [cfg.moe_impl])
+              for att in (a.attention_impls or [cfg.attention_impl])
+              for r in (a.remats or [cfg.remat])]
     log(f"device {device.platform}:{device.device_kind}; config {name} (hidden {cfg.hidden_size}, "
         f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-"
-        f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}, {cfg.dtype}); (moe_impl, attention) "
-        f"{', '.join('/'.join(c) for c in combos)}; remat {cfg.remat}; "
+        f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}, {cfg.dtype}); variants "
+        f"{', '.join('/'.join(c) for c in combos)} (moe/attention/remat); "
         f"{pairs} pairs x {seq} tokens = {tokens} tokens/step")
     ref, ref_error = None, None
     if a.reference == "hf":
@@ -462,14 +475,14 @@ def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
         f"params + 6 x layers x seq x hidden); peak {peak / 1e12:.4g} TFLOP/s [{peak_source}]")
     # logged before our variants run, so a run cut short still has the reference in its log
     ref_fields = {} if ref is None else _compare(ref, tokens, fpt, peak)
-    variants = [_measure_variant(a, device, cfg.replace(moe_impl=m, attention_impl=att), batch,
-                                 tokens, fpt, peak) for m, att in combos]
+    variants = [_measure_variant(a, device, cfg.replace(moe_impl=m, attention_impl=att, remat=r),
+                                 batch, tokens, fpt, peak) for m, att, r in combos]
     if ref is not None:
         for v in variants:
             if v.get("tokens_per_s"):
                 v["ratio"] = v["tokens_per_s"] / ref_fields["reference_tokens_per_s"]
-                log(f"ratio ours ({v['moe_impl']}, {v['attention_impl']}) / reference tokens/s = "
-                    f"{v['ratio']:.3f}")
+                log(f"ratio ours ({v['moe_impl']}, {v['attention_impl']}, remat {v['remat']}) / "
+                    f"reference tokens/s = {v['ratio']:.3f}")
     first = variants[0]
     result = {"tokens_per_s": first.get("tokens_per_s"), "mfu": first.get("mfu"),
               "reference_tokens_per_s": ref_fields.get("reference_tokens_per_s"),
@@ -489,9 +502,9 @@ def _measure_variant(a: argparse.Namespace, device: jax.Device, cfg: MixtralConf
     """One implementation's step: fresh weights (the step donates its state), compile, time."""
     out = {"moe_impl": cfg.moe_impl,
            "moe_impl_resolved": dispatch.resolve(cfg.moe_impl, device.platform),
-           "attention_impl": cfg.attention_impl}
+           "attention_impl": cfg.attention_impl, "remat": cfg.remat}
     tag = out["moe_impl"] + (f" -> {out['moe_impl_resolved']}" if cfg.moe_impl == "auto" else "")
-    tag += f", attention {cfg.attention_impl}"
+    tag += f", attention {cfg.attention_impl}, remat {cfg.remat}"
     try:
         compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch)
         times, loss0, grad_norm0 = time_ours(compiled, state, device_batch, a.steps, a.warmup)
@@ -503,12 +516,14 @@ def _measure_variant(a: argparse.Namespace, device: jax.Device, cfg: MixtralConf
     ours = spread(times)
     tps = tokens / ours["median"]
     out.update(tokens_per_s=tps, mfu=tps * fpt / peak, step_time_s=ours, compile_s=compile_s,
-               peak_memory_bytes=mem, peak_memory_label=mem_label, loss_step0=loss0,
+               peak_memory_bytes=mem, peak_memory_label=mem_label,
+               compiled_memory_bytes=compiled_memory(compiled), loss_step0=loss0,
                grad_norm_step0=grad_norm0)
     log(f"ours ({tag}): step {ours['median'] * 1e3:.1f} ms median (min {ours['min'] * 1e3:.1f}, "
         f"max {ours['max'] * 1e3:.1f}) over {a.steps} steps after {a.warmup} warm-up; compile "
         f"{compile_s:.1f} s; {tps:,.0f} tokens/s; MFU {100 * out['mfu']:.2f}%; step-0 loss "
-        f"{loss0:.5f}, grad norm {grad_norm0:.5f}; peak memory {_gib(mem)} ({mem_label})")
+        f"{loss0:.5f}, grad norm {grad_norm0:.5f}; peak memory {_gib(mem)} ({mem_label}); "
+        f"this step's XLA estimate {_gib(out['compiled_memory_bytes'])}")
     return out
 
 
@@ -554,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     device = jax.devices()[0]
     impl0 = a.moe_impls[0] if a.moe_impls else None
     name, cfg = resolve_config(a.config, device.platform, impl0, a.dtype,
-                               attention_impl=(a.attention_impls or [None])[0], remat=a.remat)
+                               attention_impl=(a.attention_impls or [None])[0],
+                               remat=(a.remats or [None])[0])
     pairs = a.batch_pairs or default_shape(name)[0]
     seq = a.seq_len or default_shape(name)[1]
     result = (measure_gemm if a.gemm else measure_step)(a, device, name, cfg, pairs, seq)
