@@ -65,6 +65,21 @@ def test_cli_gemm_mode(capsys):
     assert "dx_tflops" not in rows["ragged_dot"]
 
 
+def test_gpu_gemm_cases_build_and_agree_with_ragged_dot_here():
+    """The GPU-only part of `--gemm` (Pallas tiles, launch orders, skewed routing) builds and runs
+    here in Pallas' interpret mode on a tiny shape: a typo there would otherwise surface only in
+    a 15-minute GPU session."""
+    cfg = MixtralConfig.preset("tiny")
+    rows = bench.bench_grouped_gemm(cfg, 1, 16, "gpu", repeats=1,
+                                    only=["pallas_gmm[128,64,128,w8,s3", "pallas_gmm_skewed"])
+    assert [r["op"] for r in rows] == ["pallas_gmm[128,64,128,w8,s3]",
+                                       "pallas_gmm[128,64,128,w8,s3,rows-first]", "pallas_gmm_skewed"]
+    for r in rows:
+        assert "error" not in r, r
+        assert all(v <= 1e-5 for k, v in r.items() if k.endswith("_vs_ragged_dot")), r
+    assert rows[0]["dx_tflops"] > 0 and rows[0]["dw_tflops"] > 0
+
+
 def test_cli_gemm_only_and_skip_select_cases_by_name_prefix(capsys):
     assert bench.main(["--config", "tiny", "--gemm", "--batch-pairs", "1", "--seq-len", "32",
                        "--gemm-only", "dense_matmul,scan_gmm", "--gemm-skip", "scan_gmm_skewed"]) == 0

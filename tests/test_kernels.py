@@ -79,8 +79,10 @@ def test_pallas_gmm_work_items_cover_each_row_once():
         assert (covered == 1).all(), sizes
 
 
-def test_pallas_gmm_lowers_through_triton_for_cuda():
-    """No GPU needed: Pallas' Triton lowering (where unsupported ops fail) of forward and VJP."""
+@pytest.mark.parametrize("l2_order", [True, False])
+def test_pallas_gmm_lowers_through_triton_for_cuda(l2_order):
+    """No GPU needed: Pallas' Triton lowering (where unsupported ops fail) of forward and VJP,
+    in both launch orders."""
     import re
 
     import jax
@@ -93,7 +95,7 @@ def test_pallas_gmm_lowers_through_triton_for_cuda():
     sizes = jnp.asarray([100, 0, 300, 112], jnp.int32)
 
     def fwd_bwd(x, w):
-        y, vjp = jax.vjp(lambda x, w: gmm(x, w, sizes, interpret=False), x, w)
+        y, vjp = jax.vjp(lambda x, w: gmm(x, w, sizes, l2_order=l2_order, interpret=False), x, w)
         return y, vjp(y)
 
     text = jax.jit(fwd_bwd).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -178,10 +180,11 @@ def test_scan_gmm_rejects_a_bad_tile():
         scan_gmm(jnp.zeros((8, 4)), jnp.zeros((1, 4, 4)), jnp.asarray([8], jnp.int32), bm=0)
 
 
+@pytest.mark.parametrize("l2_order", [True, False])
 @pytest.mark.parametrize("case", ["uneven_with_empty_group", "padded_to_blocks"])
-def test_pallas_gmm_dw_tiles_apart_from_the_forward_tiles(case):
-    """The dw kernel takes its own (rows, K, N) blocks: padding fits both kernels' blocks and the
-    gradients still equal ragged_dot's."""
+def test_pallas_gmm_dw_tiles_and_launch_order(case, l2_order):
+    """The dw kernel takes its own (rows, K, N) blocks: padding fits both kernels' blocks; either
+    launch order (which program runs which block) gives ragged_dot's output and gradients."""
     import jax
     import jax.numpy as jnp
 
@@ -194,7 +197,7 @@ def test_pallas_gmm_dw_tiles_apart_from_the_forward_tiles(case):
     dy = jax.random.normal(kd, (M, N), jnp.float32)
     group_sizes = jnp.asarray(sizes, jnp.int32)
     fn = lambda x, w: gmm(x, w, group_sizes, bm=16, bk=16, bn=16, dw_tiles=(32, 16, 64),  # noqa: E731
-                          interpret=True)
+                          l2_order=l2_order, interpret=True)
     y, vjp = jax.vjp(fn, x, w)
     y_ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes), x, w)
     assert _rel_err(y, y_ref) <= 1e-5

@@ -296,6 +296,12 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
                   gmm(x, w, even, bm=t[0], bk=t[1], bn=t[2], num_warps=t[3], num_stages=t[4]))
             cases.append((f"pallas_gmm[{bm},{bk},{bn},w{nw},s{ns}]", fn, True, even))
             split.add(cases[-1][0])
+        # the launch order (kernels/grouped_gemm.py Tiles.l2_order) against the default's
+        t = GMM_TILES[0]
+        cases.append((f"pallas_gmm[{t[0]},{t[1]},{t[2]},w{t[3]},s{t[4]},rows-first]",
+                      lambda x, w, t=t: gmm(x, w, even, bm=t[0], bk=t[1], bn=t[2], num_warps=t[3],
+                                            num_stages=t[4], l2_order=False), True, even))
+        split.add(cases[-1][0])
         cases.append(("pallas_gmm_skewed", lambda x, w: gmm(x, w, skewed), False, skewed))
     if dispatch.tokamax_available():
         tokamax_dot = dispatch.GROUPED_MATMULS["tokamax"]

@@ -46,7 +46,14 @@ class Tiles(NamedTuple):
     """Block sizes (powers of two, >= 16 for Triton's dot) and Triton launch parameters.
 
     (bm, bk, bn) tile the forward and dx kernels; (dw_bm, dw_bk, dw_bn) the dw kernel, whose
-    output is a [dw_bk, dw_bn] block and whose loop runs over dw_bm-row tiles."""
+    output is a [dw_bk, dw_bn] block and whose loop runs over dw_bm-row tiles.
+
+    `l2_order`: the launch order of the programs (CUDA runs the first grid axis fastest). True:
+    the forward / dx kernels walk a row tile's output-column blocks first, so the ~one wave of
+    programs in flight shares a few lhs row tiles and one group's weights in L2 (lhs read from
+    HBM about once); the dw kernel walks one group's (K, N) blocks before the next group. False:
+    row tiles first and groups first, which re-reads lhs once per output-column block. Unmeasured
+    on a GPU: `bench --gemm` times both."""
 
     bm: int = 128
     bk: int = 64
@@ -57,6 +64,7 @@ class Tiles(NamedTuple):
     dw_bm: int = 128
     dw_bk: int = 64
     dw_bn: int = 128
+    l2_order: bool = True
 
 
 def _round_up(n: int, m: int) -> int:
@@ -72,11 +80,13 @@ def _fit(block: int, dim: int) -> int:
 
 def gmm(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, bm: int = 128,
         bk: int = 64, bn: int = 128, num_warps: int = 8, num_stages: int = 3,
-        dw_tiles: tuple[int, int, int] | None = None, interpret: bool | None = None) -> jax.Array:
+        dw_tiles: tuple[int, int, int] | None = None, l2_order: bool = True,
+        interpret: bool | None = None) -> jax.Array:
     """`jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)` (forward and gradients) as Pallas kernels.
 
     (bm, bk, bn): rows, contraction and output columns per block of the forward and dx kernels;
-    `dw_tiles` = (rows, K, N) per block of the dw kernel (default: the same three).
+    `dw_tiles` = (rows, K, N) per block of the dw kernel (default: the same three); `l2_order`:
+    the programs' launch order (`Tiles`).
     `interpret=None` means the Triton kernels on a GPU and Pallas' interpreter elsewhere.
     `sum(group_sizes_G)` must not exceed M (as for ragged_dot; not checked, it is traced).
     """
@@ -92,7 +102,8 @@ def gmm(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, bm: int 
             raise ValueError(f"gmm: block {name}={b!r} must be a power of two >= 16 (Triton's dot)")
     bm, bk, bn = _fit(bm, M), _fit(bk, K), _fit(bn, N)
     dw_bm, dw_bk, dw_bn = _fit(dw_bm, M), _fit(dw_bk, K), _fit(dw_bn, N)
-    tiles = Tiles(bm, bk, bn, num_warps, num_stages, bool(interpret), dw_bm, dw_bk, dw_bn)
+    tiles = Tiles(bm, bk, bn, num_warps, num_stages, bool(interpret), dw_bm, dw_bk, dw_bn,
+                  bool(l2_order))
     # blocks are powers of two, so padding to the largest one fits every kernel's blocks; K and N
     # are both contraction and output dims across forward / dx
     kn = max(bk, bn, dw_bk, dw_bn)
@@ -144,8 +155,11 @@ def _gmm(lhs_MC, rhs, group_sizes_G, tiles: Tiles, *, transpose_rhs: bool):
     starts, ends = group_bounds(group_sizes_G, M)
     group_T, tile_T = work_items(starts, ends, M, bm)
 
+    # (work item, output-column block) -> program ids: see Tiles.l2_order
+    t_axis, o_axis = (1, 0) if tiles.l2_order else (0, 1)
+
     def kernel(group_ref, tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref):
-        t, o = pl.program_id(0), pl.program_id(1)
+        t, o = pl.program_id(t_axis), pl.program_id(o_axis)
         g = group_ref[t]
         row0 = tile_ref[t] * bm
         rows = row0 + jnp.arange(bm, dtype=jnp.int32)
@@ -169,7 +183,7 @@ def _gmm(lhs_MC, rhs, group_sizes_G, tiles: Tiles, *, transpose_rhs: bool):
     return pl.pallas_call(
         kernel,
         out_shape=out_struct((M, n_out), lhs_MC.dtype, like=lhs_MC),
-        grid=(group_T.shape[0], n_out // bo),
+        grid=((n_out // bo, group_T.shape[0]) if tiles.l2_order else (group_T.shape[0], n_out // bo)),
         compiler_params=_compiler_params(tiles),
         interpret=tiles.interpret,
         name="gmm_t" if transpose_rhs else "gmm",
@@ -184,8 +198,12 @@ def _tgmm(x_MK, dy_MN, group_sizes_G, tiles: Tiles):
     bm, bk, bn = tiles.dw_bm, tiles.dw_bk, tiles.dw_bn
     starts, ends = group_bounds(group_sizes_G, M)
 
+    # (group, K block, N block) -> program ids: groups last (slowest) with l2_order
+    axes = (2, 0, 1) if tiles.l2_order else (0, 1, 2)
+    grid = (K // bk, N // bn, G) if tiles.l2_order else (G, K // bk, N // bn)
+
     def kernel(starts_ref, ends_ref, x_ref, dy_ref, out_ref):
-        g, kb, nb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        g, kb, nb = (pl.program_id(a) for a in axes)
         start, end = starts_ref[g], ends_ref[g]
         first = start // bm
         steps = jnp.where(end > start, (end + bm - 1) // bm - first, 0)
@@ -205,9 +223,10 @@ def _tgmm(x_MK, dy_MN, group_sizes_G, tiles: Tiles):
     return pl.pallas_call(
         kernel,
         out_shape=out_struct((G, K, N), x_MK.dtype, like=x_MK),
-        grid=(G, K // bk, N // bn),
+        grid=grid,
         in_specs=[pl.no_block_spec] * 4,
-        out_specs=pl.BlockSpec((None, bk, bn), lambda g, kb, nb: (g, kb, nb)),
+        out_specs=pl.BlockSpec((None, bk, bn),
+                               lambda *ids: tuple(ids[a] for a in axes)),
         compiler_params=_compiler_params(tiles),
         interpret=tiles.interpret,
         name="tgmm",

@@ -145,7 +145,7 @@ TOKAMAX_CONFIGS = MappingProxyType({"fwd": None, "dx": None, "dw": None})
 # The tiles moe_impl="pallas" runs (forward and dx; dw), `gmm`'s defaults until a GPU measures
 # better ones (`bench --gemm` times bench.GMM_TILES, dx and dw apart).
 PALLAS_TILES = MappingProxyType({"bm": 128, "bk": 64, "bn": 128, "num_warps": 8, "num_stages": 3,
-                                 "dw_tiles": (128, 64, 128)})
+                                 "dw_tiles": (128, 64, 128), "l2_order": True})
 
 
 # scan_gmm's rows per tile by platform: each tile is one dense [bm, K] x [K, N] matmul, and each
