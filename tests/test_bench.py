@@ -6,7 +6,6 @@ Correctness only; nothing here asserts a speed.
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -18,37 +17,8 @@ from zephyr_jax.pretrained import save_pretrained
 torch = pytest.importorskip("torch")
 bench_reference = pytest.importorskip("zephyr_jax.bench_reference")
 
-REQUIRED = ("tokens_per_s", "mfu", "reference_tokens_per_s", "ratio", "device", "jax", "jaxlib",
-            "torch", "transformers", "config", "batch_pairs", "seq_len", "moe_impl")
-
-
 def _last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
-
-
-def test_cli_with_reference_ends_in_json(capsys):
-    rc = bench.main(["--config", "tiny", "--steps", "2", "--warmup", "1", "--reference", "hf",
-                     "--batch-pairs", "1", "--seq-len", "32", "--moe-impl", "auto,dense"])
-    assert rc == 0
-    result = _last_json(capsys.readouterr().out)
-    assert set(REQUIRED) <= set(result)
-    for key in ("tokens_per_s", "mfu", "reference_tokens_per_s", "ratio"):
-        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
-    assert result["ratio"] == pytest.approx(result["tokens_per_s"] / result["reference_tokens_per_s"])
-    assert result["config"] == "tiny" and result["moe_impl"] == "auto"
-    assert result["moe_impl_resolved"] == "scan"  # the CPU's choice
-    # every implementation listed is timed against the one reference
-    variants = {v["moe_impl"]: v for v in result["variants"]}
-    assert list(variants) == ["auto", "dense"]
-    for v in variants.values():
-        assert v["tokens_per_s"] > 0 and v["ratio"] == pytest.approx(
-            v["tokens_per_s"] / result["reference_tokens_per_s"])
-    # same weights and batch: the dropless implementations start from the same loss
-    assert variants["dense"]["loss_step0"] == pytest.approx(variants["auto"]["loss_step0"], rel=1e-5)
-    assert (result["batch_pairs"], result["seq_len"], result["tokens_per_step"]) == (1, 32, 64)
-    assert all(result[k] for k in ("jax", "jaxlib", "torch", "transformers", "device"))
-    assert result["step_time_s"]["min"] <= result["step_time_s"]["median"] <= result["step_time_s"]["max"]
-    assert result["peak_memory_bytes"] > 0 and result["reference_peak_memory_bytes"] > 0
 
 
 def test_cli_gemm_mode(capsys):
@@ -147,10 +117,9 @@ def test_config_defaults_follow_the_platform(tmp_path):
     assert cfg.hidden_size == 16 and cfg.dtype == cfg.param_dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("impl", ["pallas", "scan", "auto"])
-def test_grouped_gemm_dispatch_in_the_train_step_matches_ragged_dot(impl):
-    """The whole step with each registered grouped GEMM (Pallas in interpret mode): the same loss
-    and gradient norm as XLA's ragged_dot, fp32."""
+def test_grouped_gemm_dispatch_in_the_train_step_matches_ragged_dot():
+    """The whole step with each registered grouped GEMM (Pallas in interpret mode; scan, which
+    `auto` is on CPU): the same loss and gradient norm as XLA's ragged_dot, fp32."""
     import jax
     import jax.numpy as jnp
 
@@ -158,13 +127,14 @@ def test_grouped_gemm_dispatch_in_the_train_step_matches_ragged_dot(impl):
     params = bench.init_params(cfg, seed=2)
     batch = bench.make_batch(cfg.vocab_size, pairs=1, seq_len=16, seed=4)
     metrics = {}
-    for kind in ("ragged", impl):  # the step donates its state: each gets its own params
+    for kind in ("ragged", "pallas", "scan"):  # the step donates its state: each its own params
         compiled, state, device_batch, _ = bench.build_step(
             cfg.replace(moe_impl=kind), jax.tree.map(jnp.copy, params), batch)
         _, metrics[kind] = compiled(state, device_batch)
-    for key in ("loss", "grad_norm"):
-        got, want = float(metrics[impl][key]), float(metrics["ragged"][key])
-        assert abs(got - want) <= 1e-5 * abs(want), key
+    for impl in ("pallas", "scan"):
+        for key in ("loss", "grad_norm"):
+            got, want = float(metrics[impl][key]), float(metrics["ragged"][key])
+            assert abs(got - want) <= 1e-5 * abs(want), (impl, key)
 
 
 def test_a_failing_implementation_is_reported_and_the_others_still_run(capsys):

@@ -4,15 +4,21 @@ a GPU session is 15 minutes, and a script that fails there on a renamed flag was
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = ("tokens_per_s", "mfu", "reference_tokens_per_s", "ratio", "device", "jax", "jaxlib",
+            "torch", "transformers", "config", "batch_pairs", "seq_len", "moe_impl")
 
 
 def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "CONFIG": "tiny", "STEP_IMPLS": "scan,dense",
+    """Also the bench CLI's acceptance test: the step it runs is `--reference hf` with a list."""
+    env = {**os.environ, "OUT": str(tmp_path), "CONFIG": "tiny", "STEP_IMPLS": "auto,dense",
            "ATTENTION": "xla", "BENCH_ARGS": "--batch-pairs 1 --seq-len 16 --steps 1 --warmup 0"}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(["bash", "docs/gpu_check.sh", "run"], cwd=ROOT, env=env,
@@ -26,8 +32,23 @@ def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
     # no tokamax on this Python: the tile step keeps only its same-run dense baseline
     tiles = json.loads((tmp_path / "tokamax_tiles.json").read_text())
     assert [r["op"] for r in tiles["gemm"]] == ["dense_matmul_same_flops"]
+    # the step: `python -m zephyr_jax.bench --reference hf` with a list of implementations, whose
+    # last line is the issue's JSON
     step = json.loads((tmp_path / "step.json").read_text())
-    assert step["ratio"] > 0 and [v["moe_impl"] for v in step["variants"]] == ["scan", "dense"]
+    assert set(REQUIRED) <= set(step)
+    for key in ("tokens_per_s", "mfu", "reference_tokens_per_s", "ratio"):
+        assert isinstance(step[key], float) and math.isfinite(step[key]) and step[key] > 0, key
+    assert step["ratio"] == pytest.approx(step["tokens_per_s"] / step["reference_tokens_per_s"])
+    assert step["config"] == "tiny" and step["moe_impl"] == "auto"
+    assert step["moe_impl_resolved"] == "scan"  # the CPU's choice
+    assert (step["batch_pairs"], step["seq_len"], step["tokens_per_step"]) == (1, 16, 32)
+    assert all(step[k] for k in ("jax", "jaxlib", "torch", "transformers", "device"))
+    assert step["peak_memory_bytes"] > 0 and step["reference_peak_memory_bytes"] > 0
+    # every implementation listed is timed against the one reference
+    assert [v["moe_impl"] for v in step["variants"]] == ["auto", "dense"]
+    for v in step["variants"]:
+        assert v["tokens_per_s"] > 0
+        assert v["ratio"] == pytest.approx(v["tokens_per_s"] / step["reference_tokens_per_s"])
     # --remat as a list: one variant per policy, each with its own compiled-memory estimate
     remat = json.loads((tmp_path / "remat.json").read_text())
     assert [v["remat"] for v in remat["variants"]] == ["save_matmuls", "save_attention"]
