@@ -56,6 +56,8 @@ def test_cli_gemm_only_and_skip_select_cases_by_name_prefix(capsys):
     rows = _last_json(capsys.readouterr().out)["gemm"]
     assert [r["op"] for r in rows] == ["dense_matmul_same_flops", "scan_gmm[bm=128]",
                                        "scan_gmm[bm=256]"]
+    with pytest.raises(SystemExit, match=r"no grouped-GEMM case left.*scan_gmm\[bm=128\]"):
+        bench.main(["--config", "tiny", "--gemm", "--gemm-only", "scna_gmm"])
 
 
 @pytest.mark.parametrize(("moe_impl", "experts_impl"),

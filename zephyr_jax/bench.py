@@ -313,10 +313,14 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
             fn = (lambda x, w, dot=dot: dot(x, w, even))
             cases.append((f"tokamax_tuned[{_tile_name(t)}]", fn, True, even))
             split.add(cases[-1][0])
+    names = [c[0] for c in cases]
     if only:
         cases = [c for c in cases if c[0].startswith(tuple(only))]
     if skip:
         cases = [c for c in cases if not c[0].startswith(tuple(skip))]
+    if not cases:  # a mistyped prefix would otherwise time nothing and look like success
+        raise ValueError(f"no grouped-GEMM case left by --gemm-only {only} / --gemm-skip {skip}; "
+                         f"the cases on {platform}: {', '.join(names)}")
     base = {"rows": M, "d": d, "f": f, "experts": E, "dtype": cfg.dtype}
     return [{"op": name, **base,
              **_time_case(fn, x, w, dy, flops, with_bwd, repeats, sizes, name in split)}
@@ -555,7 +559,10 @@ def measure_gemm(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
                  pairs: int, seq: int) -> dict:
     only = a.gemm_only.split(",") if a.gemm_only else None
     skip = a.gemm_skip.split(",") if a.gemm_skip else None
-    rows = bench_grouped_gemm(cfg, pairs, seq, device.platform, only=only, skip=skip)
+    try:
+        rows = bench_grouped_gemm(cfg, pairs, seq, device.platform, only=only, skip=skip)
+    except ValueError as e:
+        raise SystemExit(f"bench --gemm: {e}") from None
     for r in rows:
         bwd = f", backward {r['bwd_tflops']:.3f} TFLOP/s" if "bwd_tflops" in r else ""
         if "dx_tflops" in r:
