@@ -305,5 +305,8 @@ def test_tokamax_matmul_passes_block_configs_to_all_three_kernels(monkeypatch):
     assert op.vjp.keywords["dlhs_ragged_dot"].config is None  # dx: tokamax's heuristics
     dw_op = op.vjp.keywords["drhs_ragged_dot"]
     assert dw_op.config.block_k == 64 and dw_op.config.grid_minor_dim is dims.N
+    # a mistyped field is named, with the kernel it was meant for
+    with pytest.raises(ValueError, match=r"dw kernel: unknown field\(s\) \['blok_k'\]"):
+        dispatch.tokamax_matmul(fwd, None, {**fwd, "blok_k": 64})(x, w, sizes)
     # the dispatch's default is tokamax's heuristics for all three until a GPU measures better
     assert dict(dispatch.TOKAMAX_CONFIGS) == {"fwd": None, "dx": None, "dw": None}

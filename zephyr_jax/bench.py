@@ -245,9 +245,10 @@ TOKAMAX_TILES = (
     {"block_m": 64, "block_n": 256, "block_k": 64, "num_stages": 4, "split_k": 1,
      "persistent": True, "grid_minor_dim": "M", "grid_tile_width": 8},
 )
-# scan_gmm row-tile sizes tried: CPU, and larger tiles on accelerators
-SCAN_ROWS = {"cpu": (128, 256)}
-SCAN_ROWS_ACCEL = (256, 512, 1024)
+# scan_gmm row-tile sizes tried: CPU, and larger tiles on accelerators (the one the model runs is
+# dispatch.SCAN_ROWS)
+SCAN_TILE_CANDIDATES = {"cpu": (128, 256)}
+SCAN_TILE_CANDIDATES_ACCEL = (256, 512, 1024)
 
 
 def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: str, *,
@@ -256,7 +257,7 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
     """The expert layer's up-projection (rows routed to experts, hidden -> intermediate) through
     every grouped GEMM this platform can run, forward and backward (dx, dw), against a dense matmul
     of the same FLOPs and the equal-capacity batched einsum `[E, C, d] x [E, d, f]`: PERF.md's table
-    for this config. `jax.lax.ragged_dot`; `scan_gmm` at `SCAN_ROWS`; on a GPU our Pallas `gmm` at
+    for this config. `jax.lax.ragged_dot`; `scan_gmm` at `SCAN_TILE_CANDIDATES`; on a GPU our Pallas `gmm` at
     each of `GMM_TILES` (off a GPU it is Pallas' interpreter, far too slow to time); tokamax's
     Mosaic ragged_dot where installed, with its heuristics and at each of `TOKAMAX_TILES`.
     Backward rows time the VJP alone (forward residuals precomputed), at twice the forward's
@@ -285,7 +286,7 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
               lambda x, w: jnp.einsum("ecd,edf->ecf", x.reshape(E, M // E, d), w), True, None),
              ("ragged_dot", lambda x, w: jax.lax.ragged_dot(x, w, even), True, None),
              ("ragged_dot_skewed", lambda x, w: jax.lax.ragged_dot(x, w, skewed), False, None)]
-    for bm in SCAN_ROWS.get(platform, SCAN_ROWS_ACCEL):
+    for bm in SCAN_TILE_CANDIDATES.get(platform, SCAN_TILE_CANDIDATES_ACCEL):
         cases.append((f"scan_gmm[bm={bm}]", lambda x, w, bm=bm: scan_gmm(x, w, even, bm=bm),
                       True, even))
         split.add(cases[-1][0])

@@ -143,8 +143,7 @@ def _gather_logps(logits_BTV, top_BT, log1p_rest_BT, targets_KBT):
 
 @jax.custom_vjp
 def _token_logps(logits_BTV, targets_KBT):
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    return _gather_logps(logits_BTV, *_log_normalizer(logits_BTV), targets_KBT)
+    return _token_logps_fwd(logits_BTV, targets_KBT)[0]
 
 
 def _token_logps_fwd(logits_BTV, targets_KBT):

@@ -55,16 +55,16 @@ class Tiles(NamedTuple):
     row tiles first and groups first, which re-reads lhs once per output-column block. Unmeasured
     on a GPU: `bench --gemm` times both."""
 
-    bm: int = 128
-    bk: int = 64
-    bn: int = 128
-    num_warps: int = 8
-    num_stages: int = 3
-    interpret: bool = False
-    dw_bm: int = 128
-    dw_bk: int = 64
-    dw_bn: int = 128
-    l2_order: bool = True
+    bm: int
+    bk: int
+    bn: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+    dw_bm: int
+    dw_bk: int
+    dw_bn: int
+    l2_order: bool
 
 
 def _round_up(n: int, m: int) -> int:

@@ -25,6 +25,7 @@ routes tokens to the devices holding their experts and uses these local implemen
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -109,16 +110,20 @@ def _tokamax_op(fwd: dict | None, dx: dict | None, dw: dict | None):
     from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu as mgpu
     from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu_common as common
 
-    def op(fields: dict | None, **kw):
+    def op(kernel: str, fields: dict | None, **kw):
         if fields is None:
             return mgpu.PallasMosaicGpuRaggedDot(**kw)
+        known = {f.name for f in dataclasses.fields(mgpu.Config)}
+        if unknown := sorted(set(fields) - known):
+            raise ValueError(f"tokamax block config for the {kernel} kernel: unknown field(s) "
+                             f"{unknown}; tokamax's Config has {sorted(known)}")
         fields = dict(fields)
         if isinstance(fields.get("grid_minor_dim"), str):
             fields["grid_minor_dim"] = common.MatmulDimension[fields["grid_minor_dim"]]
         return mgpu.PallasMosaicGpuRaggedDot(config=mgpu.Config(**fields), **kw)
 
-    vjp = functools.partial(base.vjp, dlhs_ragged_dot=op(dx), drhs_ragged_dot=op(dw))
-    return op(fwd, vjp=vjp)
+    vjp = functools.partial(base.vjp, dlhs_ragged_dot=op("dx", dx), drhs_ragged_dot=op("dw", dw))
+    return op("forward", fwd, vjp=vjp)
 
 
 def tokamax_matmul(fwd: dict | None = None, dx: dict | None = None, dw: dict | None = None):

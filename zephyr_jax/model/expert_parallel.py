@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from zephyr_jax.model.dispatch import DISPATCH, _combine, auto_impl
+from zephyr_jax.model.dispatch import DISPATCH, _combine, resolve
 from zephyr_jax.sharding import ExpertParallelPlan
 
 # moe_impl -> the local implementation run on the received rows (it must treat ids >= E_loc as
@@ -67,7 +67,7 @@ def expert_parallel(impl: str, plan: ExpertParallelPlan, x_ND, expert_NK, weight
     """Expert-parallel dispatch over `plan`'s mesh for moe_impl `impl`."""
     if impl not in LOCAL_IMPLS:
         raise ValueError(f"moe_impl={impl!r} has no expert-parallel path; have {sorted(LOCAL_IMPLS)}")
-    local = LOCAL_IMPLS[impl] or auto_impl(jax.default_backend())
+    local = LOCAL_IMPLS[impl] or resolve("auto")
     local_fn = DISPATCH[local]
     E = w1_EDF.shape[0]
     N, K = expert_NK.shape
