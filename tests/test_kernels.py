@@ -218,15 +218,17 @@ def test_pallas_gmm_rejects_blocks_that_are_not_powers_of_two():
 
 
 def _fake_tokamax(monkeypatch):
-    """A stand-in for tokamax 0.0.17 (not installable on Python 3.11) with the module layout and
-    signatures `dispatch.tokamax_matmul` uses; its ragged_dot is jax's, and every call records
-    what it was given, so the wiring (not tokamax's kernels) is what is checked here."""
+    """A stand-in for tokamax 0.0.17 (not installable on Python 3.11; tests/test_tokamax.py runs
+    the real one where it is) with the modules, names and call signatures `tokamax_gmm` uses; its
+    op is `jax.lax.ragged_dot_general` and records its config and dimension numbers, so the wiring
+    (not tokamax's kernels) is what is checked here."""
     import dataclasses
     import enum
     import sys
     import types
 
     import jax
+    import jax.numpy as jnp
 
     calls = []
 
@@ -245,30 +247,42 @@ def _fake_tokamax(monkeypatch):
         grid_minor_dim: MatmulDimension = MatmulDimension.N
         grid_tile_width: int = 1
 
+    def dims(contract, ragged, group):
+        return jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(contract, ([], [])), lhs_ragged_dimensions=ragged,
+            rhs_group_dimensions=group)
+
+    base = types.SimpleNamespace(
+        DEFAULT_RAGGED_DOT_DIM_NUMS=dims(([1], [1]), [0], [0]),
+        TRANS_RHS_RAGGED_DOT_DIM_NUMS=dims(([1], [2]), [0], [0]),
+        RAGGED_CONTRACTING_DOT_DIM_NUMS=dims(([0], [0]), [0], []))
+
     @dataclasses.dataclass(frozen=True)
     class PallasMosaicGpuRaggedDot:
         config: Config | None = None
-        vjp: object = None
+        bypass_device_check: bool = False
 
-    def vjp(*args, dlhs_ragged_dot=None, drhs_ragged_dot=None, **kwargs):
-        raise AssertionError("not called here")
-
-    def ragged_dot(lhs, rhs, group_sizes, *, implementation=None):
-        calls.append(implementation)
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes) + 1.0  # +1: rows past groups non-zero
+        def __call__(self, lhs, rhs, *, group_sizes, ragged_dot_dimension_numbers,
+                     preferred_element_type=None):
+            calls.append((self, ragged_dot_dimension_numbers))
+            out = jax.lax.ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers,
+                                             preferred_element_type=preferred_element_type)
+            if ragged_dot_dimension_numbers.rhs_group_dimensions:  # rows out: as tokamax leaves
+                past_M = jnp.arange(out.shape[0]) >= jnp.sum(group_sizes)  # them, not zero
+                out = jnp.where(past_M[:, None], 1.0, out).astype(out.dtype)
+            return out
 
     mods = {
         "tokamax": types.ModuleType("tokamax"),
         "tokamax._src": types.ModuleType("tokamax._src"),
         "tokamax._src.ops": types.ModuleType("tokamax._src.ops"),
         "tokamax._src.ops.ragged_dot": types.ModuleType("tokamax._src.ops.ragged_dot"),
-        "tokamax._src.ops.ragged_dot.base": types.SimpleNamespace(vjp=vjp),
+        "tokamax._src.ops.ragged_dot.base": base,
         "tokamax._src.ops.ragged_dot.pallas_mosaic_gpu": types.SimpleNamespace(
             PallasMosaicGpuRaggedDot=PallasMosaicGpuRaggedDot, Config=Config),
         "tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common": types.SimpleNamespace(
             MatmulDimension=MatmulDimension),
     }
-    mods["tokamax"].ragged_dot = ragged_dot
     mods["tokamax"]._src = mods["tokamax._src"]
     mods["tokamax._src"].ops = mods["tokamax._src.ops"]
     mods["tokamax._src.ops"].ragged_dot = mods["tokamax._src.ops.ragged_dot"]
@@ -276,7 +290,7 @@ def _fake_tokamax(monkeypatch):
         setattr(mods["tokamax._src.ops.ragged_dot"], name, mods[f"tokamax._src.ops.ragged_dot.{name}"])
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    return calls, MatmulDimension
+    return calls, MatmulDimension, base
 
 
 def test_tokamax_matmul_passes_block_configs_to_all_three_kernels(monkeypatch):
@@ -285,25 +299,36 @@ def test_tokamax_matmul_passes_block_configs_to_all_three_kernels(monkeypatch):
 
     from zephyr_jax.model import dispatch
 
-    calls, dims = _fake_tokamax(monkeypatch)
-    x = jnp.ones((10, 4), jnp.float32)
-    w = jnp.ones((3, 4, 5), jnp.float32)
+    calls, dims, base = _fake_tokamax(monkeypatch)
+    x = jax.random.normal(jax.random.key(0), (10, 4), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (3, 4, 5), jnp.float32)
     sizes = jnp.array([2, 0, 5], jnp.int32)  # 7 of 10 rows in groups
 
-    y = dispatch.tokamax_matmul()(x, w, sizes)  # no configs: tokamax's public path, heuristics
-    assert calls[-1] == "mosaic"
-    np.testing.assert_array_equal(y[7:], 0)  # rows past the groups zeroed by us
-    np.testing.assert_array_equal(y[:7], jax.lax.ragged_dot(x, w, sizes)[:7] + 1)
+    def loss(matmul, x, w):
+        return jnp.sum(jnp.sin(matmul(x, w, sizes)))
+
+    # no configs: tokamax's heuristics for all three kernels; forward and VJP equal ragged_dot's,
+    # rows past the groups zero (in y and in dx)
+    y, (dx, dw) = jax.value_and_grad(loss, argnums=(1, 2))(dispatch.tokamax_matmul(), x, w)
+    want_y, (want_dx, want_dw) = jax.value_and_grad(loss, argnums=(1, 2))(jax.lax.ragged_dot, x, w)
+    np.testing.assert_allclose(y, want_y, rtol=1e-6)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(dispatch.tokamax_matmul()(x, w, sizes)[7:], 0)
+    assert [d for _, d in calls[:3]] == [base.DEFAULT_RAGGED_DOT_DIM_NUMS,
+                                         base.TRANS_RHS_RAGGED_DOT_DIM_NUMS,
+                                         base.RAGGED_CONTRACTING_DOT_DIM_NUMS]
+    assert all(op.config is None and op.bypass_device_check for op, _ in calls)
 
     fwd = {"block_m": 128, "block_n": 64, "block_k": 128, "num_stages": 4, "split_k": 1,
            "persistent": False, "grid_minor_dim": "M", "grid_tile_width": 2}
-    dw = {**fwd, "block_k": 64, "grid_minor_dim": "N"}
-    dispatch.tokamax_matmul(fwd, None, dw)(x, w, sizes)
-    op = calls[-1]
-    assert op.config.block_m == 128 and op.config.grid_minor_dim is dims.M
-    assert op.config.persistent is False and op.config.grid_tile_width == 2
-    assert op.vjp.keywords["dlhs_ragged_dot"].config is None  # dx: tokamax's heuristics
-    dw_op = op.vjp.keywords["drhs_ragged_dot"]
+    dw_cfg = {**fwd, "block_k": 64, "grid_minor_dim": "N"}
+    calls.clear()
+    jax.grad(loss, argnums=(1, 2))(dispatch.tokamax_matmul(fwd, None, dw_cfg), x, w)
+    (fwd_op, _), (dx_op, _), (dw_op, _) = calls
+    assert fwd_op.config.block_m == 128 and fwd_op.config.grid_minor_dim is dims.M
+    assert fwd_op.config.persistent is False and fwd_op.config.grid_tile_width == 2
+    assert dx_op.config is None  # dx: tokamax's heuristics
     assert dw_op.config.block_k == 64 and dw_op.config.grid_minor_dim is dims.N
     # a mistyped field is named, with the kernel it was meant for
     with pytest.raises(ValueError, match=r"dw kernel: unknown field\(s\) \['blok_k'\]"):

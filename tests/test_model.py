@@ -276,6 +276,62 @@ def test_named_remat_policies_keep_or_recompute_the_expert_gemms():
     assert scans["save_matmuls"] == scans["none"] < scans["dots"]
 
 
+def test_named_residuals_are_kept_by_a_policy_that_saves_them():
+    """A custom VJP's residuals are invisible to remat policies, so what makes them runs again in
+    the backward pass; `with_named_residuals` names them, and a policy saving the name keeps them.
+    The op here: sin with a custom VJP whose residual is cos(x) (cuDNN's attention in the model,
+    where one kernel makes output and residuals, so its whole forward ran again)."""
+    from zephyr_jax.model.layers import with_named_residuals
+
+    @jax.custom_vjp
+    def op(x):
+        return jnp.sin(x)
+
+    op.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda cos_x, g: (g * cos_x,))
+    x = jnp.linspace(-2.0, 2.0, 7)
+    policy = jax.checkpoint_policies.save_only_these_names("kept")
+
+    def loss(fn):
+        return lambda x: jnp.sum(jax.checkpoint(fn, policy=policy)(x) ** 2)
+
+    named = with_named_residuals(op, "kept")
+    np.testing.assert_allclose(jax.grad(loss(named))(x), jax.grad(loss(op))(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(loss(named))(x), 2 * jnp.sin(x) * jnp.cos(x), rtol=1e-6)
+    np.testing.assert_allclose(named(x), op(x))
+
+    def recomputed(fn):  # primitives jax.checkpoint runs in the backward pass (its remat jaxpr)
+        eqns = jax.make_jaxpr(jax.grad(loss(fn)))(x).jaxpr.eqns
+        (remat,) = [e for e in eqns if "jaxpr" in e.params and "policy" in e.params]
+        return _primitive_counts(remat.params["jaxpr"])
+
+    assert recomputed(op).get("cos", 0) == 1 and recomputed(named).get("cos", 0) == 0
+
+
+@pytest.mark.parametrize("policy, forwards", [("none", 1), ("save_matmuls", 1),
+                                              ("save_attention", 1), ("full", 2), ("dots", 2)])
+def test_named_remat_policies_keep_cudnn_attention_residuals(monkeypatch, policy, forwards):
+    """cuDNN's flash attention, lowered for CUDA here by pretending cuDNN 9.14 on a Hopper GPU: the
+    policies that keep attention ("save_matmuls", "save_attention") keep its kernel's residuals,
+    so its forward runs once; "full" and "dots" run it again in the backward pass."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91400)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda cc: True)
+    monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda cc: False)
+    cfg = MixtralConfig.preset("tiny").replace(
+        hidden_size=128, dtype="bfloat16", attention_impl="cudnn", moe_impl="ragged",
+        remat=policy)
+    ids = jnp.zeros((2, 16), jnp.int32)
+    params = zj.params_dict(zj.Mixtral(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(p):
+        return jnp.mean(zj.model_from_params(cfg, p)(ids).astype(jnp.float32) ** 2)
+
+    text = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__cudnn$fmhaSoftmax(") == forwards  # one scanned layer
+    assert text.count("custom_call @__cudnn$fmhaSoftmaxBackward(") == 1
+
+
 def test_named_remat_policies_trade_memory_for_recompute():
     """With the MoE activations dominant (dense dispatch, small vocabulary), the compiled step's
     temporaries shrink from no remat to save_matmuls to save_attention to full."""

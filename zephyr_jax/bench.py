@@ -242,8 +242,8 @@ TOKAMAX_TILES = (
      "persistent": False, "grid_minor_dim": "M", "grid_tile_width": 1},
     {"block_m": 128, "block_n": 128, "block_k": 64, "num_stages": 4, "split_k": 1,
      "persistent": True, "grid_minor_dim": "N", "grid_tile_width": 4},
-    {"block_m": 64, "block_n": 256, "block_k": 64, "num_stages": 4, "split_k": 1,
-     "persistent": True, "grid_minor_dim": "M", "grid_tile_width": 8},
+    {"block_m": 128, "block_n": 64, "block_k": 128, "num_stages": 4, "split_k": 1,
+     "persistent": True, "grid_minor_dim": "N", "grid_tile_width": 8},
 )
 # scan_gmm row-tile sizes tried: CPU, and larger tiles on accelerators (the one the model runs is
 # dispatch.SCAN_ROWS)

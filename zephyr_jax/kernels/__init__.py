@@ -3,7 +3,9 @@
 - `gmm`: Pallas kernels lowered through Triton (NVIDIA GPUs; Pallas' interpreter elsewhere, which is
   how the CPU tests check it);
 - `scan_gmm`: a loop of dense matmuls over (group, row tile) items (XLA:CPU, where `ragged_dot`
-  is slow).
+  is slow);
+- `tokamax_gmm.tokamax_matmul`: tokamax's Mosaic-GPU kernels (Hopper; optional, Python >= 3.12),
+  imported only when used.
 """
 
 from zephyr_jax.kernels.grouped_gemm import gmm

@@ -25,9 +25,7 @@ routes tokens to the devices holding their experts and uses these local implemen
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import importlib.util
 import math
 from collections.abc import Callable
 from types import MappingProxyType
@@ -38,6 +36,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from zephyr_jax import sharding
 from zephyr_jax.kernels import gmm, scan_gmm
+from zephyr_jax.kernels.tokamax_gmm import available as tokamax_available
+from zephyr_jax.kernels.tokamax_gmm import tokamax_matmul
 from zephyr_jax.model import names
 
 DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
@@ -87,61 +87,6 @@ def _combine(out_sorted_MD, order_M, weight_NK, dtype):
     out_NKD = out_MD.reshape(N, K, -1).astype(jnp.float32)
     y_ND = jnp.einsum("nkd,nk->nd", out_NKD, weight_NK.astype(jnp.float32))
     return y_ND.astype(dtype)
-
-
-def _import_tokamax():
-    try:
-        import tokamax
-    except ImportError as e:
-        raise ImportError(
-            "moe_impl='tokamax' needs the optional tokamax package (pip install tokamax; it needs "
-            "Python >= 3.12 and jax >= 0.11.1); moe_impl='auto' picks another implementation "
-            "when it is missing") from e
-    return tokamax
-
-
-def _tokamax_op(fwd: dict | None, dx: dict | None, dw: dict | None):
-    """tokamax's Mosaic-GPU ragged_dot op with block configs for its three kernels.
-
-    tokamax 0.0.17 takes a config per op object only (its public `ragged_dot` runs its heuristics,
-    64 x 64 tiles on Hopper), and its VJP builds default ops for dx and dw, so the VJP is rebuilt
-    here from ops carrying their own configs. Private modules: pinned to tokamax 0.0.17."""
-    from tokamax._src.ops.ragged_dot import base
-    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu as mgpu
-    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu_common as common
-
-    def op(kernel: str, fields: dict | None, **kw):
-        if fields is None:
-            return mgpu.PallasMosaicGpuRaggedDot(**kw)
-        known = {f.name for f in dataclasses.fields(mgpu.Config)}
-        if unknown := sorted(set(fields) - known):
-            raise ValueError(f"tokamax block config for the {kernel} kernel: unknown field(s) "
-                             f"{unknown}; tokamax's Config has {sorted(known)}")
-        fields = dict(fields)
-        if isinstance(fields.get("grid_minor_dim"), str):
-            fields["grid_minor_dim"] = common.MatmulDimension[fields["grid_minor_dim"]]
-        return mgpu.PallasMosaicGpuRaggedDot(config=mgpu.Config(**fields), **kw)
-
-    vjp = functools.partial(base.vjp, dlhs_ragged_dot=op("dx", dx), drhs_ragged_dot=op("dw", dw))
-    return op("forward", fwd, vjp=vjp)
-
-
-def tokamax_matmul(fwd: dict | None = None, dx: dict | None = None, dw: dict | None = None):
-    """tokamax's Mosaic-GPU `ragged_dot` (optional: Python >= 3.12, jax >= 0.11.1, NVIDIA GPUs),
-    with block configs for its forward, dx and dw kernels: dicts of tokamax's `Config` fields
-    (`block_m`, `block_n`, `block_k`, `num_stages`, `split_k`, `persistent`, `grid_minor_dim`
-    "M" / "N", `grid_tile_width`); None runs tokamax's heuristics for that kernel."""
-
-    def matmul(x_MK, w_GKN, group_sizes_G):
-        tokamax = _import_tokamax()
-        impl = "mosaic" if fwd is None and dx is None and dw is None else _tokamax_op(fwd, dx, dw)
-        y_MN = tokamax.ragged_dot(x_MK, w_GKN, group_sizes_G, implementation=impl)
-        # rows past the groups ("no expert" slots of the expert-parallel buffers) must come out
-        # zero, which ragged_dot guarantees and tokamax does not document
-        rows_M = jnp.arange(x_MK.shape[0]) < jnp.sum(group_sizes_G)
-        return jnp.where(rows_M[:, None], y_MN, 0).astype(x_MK.dtype)
-
-    return matmul
 
 
 # The block configs moe_impl="tokamax" runs (forward, dx, dw): tokamax's heuristics until a GPU
@@ -219,18 +164,6 @@ def capacity(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor
 DISPATCH: dict[str, DispatchFn] = {
     "dense": dense, "capacity": capacity, **{k: grouped(m) for k, m in GROUPED_MATMULS.items()}}
 ragged = DISPATCH["ragged"]
-
-
-@functools.cache
-def tokamax_available() -> bool:
-    """Whether tokamax imports here (installed is not enough: it imports optional packages)."""
-    if importlib.util.find_spec("tokamax") is None:
-        return False
-    try:
-        import tokamax  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
-        return False
-    return True
 
 
 def auto_impl(platform: str) -> str:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from zephyr_jax.model import names
 
 # Finite rather than -inf so a fully masked row (a left-pad query) gives a uniform softmax, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -101,7 +104,37 @@ def _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, key_valid_BS, sliding_window, scale
                          "generation uses the 'xla' path")
     lengths_B, ok_B = right_padded_lengths(key_valid_BS)
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True, query_seq_lengths=lengths_B,
-        key_value_seq_lengths=lengths_B, local_window_size=window, implementation="cudnn")
+    out_BTNH = _cudnn_flash(q_BTNH, k_BSKH, v_BSKH, lengths_B, scale, window)
     return jnp.where(ok_B[:, None, None, None], out_BTNH, jnp.nan).astype(q_BTNH.dtype)
+
+
+def with_named_residuals(fn, name: str):
+    """`fn` (of arrays) with its VJP residuals tagged `checkpoint_name(name)`.
+
+    A custom-VJP op (cuDNN's attention) keeps residuals that are neither dots nor named, so under
+    every remat policy but "none" its whole forward ran again in the backward pass, even where its
+    output was saved by name (tests/test_model.py counts the cuDNN calls). Named, a policy that
+    saves `name` keeps them. Numerics are `fn`'s own: the backward is `fn`'s VJP."""
+
+    @jax.custom_vjp
+    def wrapped(*args):
+        return fn(*args)
+
+    def wrapped_fwd(*args):
+        out, fn_vjp = jax.vjp(fn, *args)
+        return out, jax.tree.map(lambda r: checkpoint_name(r, name), fn_vjp)
+
+    def wrapped_bwd(fn_vjp, d_out):
+        return fn_vjp(d_out)
+
+    wrapped.defvjp(wrapped_fwd, wrapped_bwd)
+    return wrapped
+
+
+def _cudnn_flash(q_BTNH, k_BSKH, v_BSKH, lengths_B, scale, window):
+    def attend(q_BTNH, k_BSKH, v_BSKH, lengths_B):
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True, query_seq_lengths=lengths_B,
+            key_value_seq_lengths=lengths_B, local_window_size=window, implementation="cudnn")
+
+    return with_named_residuals(attend, names.ATTENTION_KERNEL)(q_BTNH, k_BSKH, v_BSKH, lengths_B)
