@@ -80,7 +80,7 @@ def test_pallas_gmm_work_items_cover_each_row_once():
 
 
 @pytest.mark.parametrize("l2_order", [True, False])
-def test_pallas_gmm_lowers_through_triton_for_cuda(l2_order):
+def test_pallas_gmm_lowers_through_triton_for_cuda(triton_target, l2_order):
     """No GPU needed: Pallas' Triton lowering (where unsupported ops fail) of forward and VJP,
     in both launch orders."""
     import re

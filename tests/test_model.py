@@ -274,6 +274,10 @@ def test_named_remat_policies_keep_or_recompute_the_expert_gemms():
     scans = {p: _grad_counts(cfg.replace(moe_impl="scan", remat=p), params, ids)["scan"]
              for p in ("none", "dots", "save_matmuls")}
     assert scans["save_matmuls"] == scans["none"] < scans["dots"]
+    # our Pallas kernels (interpreted here; the same program structure as on a GPU)
+    pallas = {p: _grad_counts(cfg.replace(moe_impl="pallas", remat=p), params, ids)["pallas_call"]
+              for p in ("none", "dots", "save_matmuls")}
+    assert pallas == {"none": 9, "dots": 12, "save_matmuls": 9}, pallas
 
 
 def test_named_residuals_are_kept_by_a_policy_that_saves_them():
@@ -309,15 +313,10 @@ def test_named_residuals_are_kept_by_a_policy_that_saves_them():
 
 @pytest.mark.parametrize("policy, forwards", [("none", 1), ("save_matmuls", 1),
                                               ("save_attention", 1), ("full", 2), ("dots", 2)])
-def test_named_remat_policies_keep_cudnn_attention_residuals(monkeypatch, policy, forwards):
-    """cuDNN's flash attention, lowered for CUDA here by pretending cuDNN 9.14 on a Hopper GPU: the
-    policies that keep attention ("save_matmuls", "save_attention") keep its kernel's residuals,
-    so its forward runs once; "full" and "dots" run it again in the backward pass."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-
-    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91400)
-    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda cc: True)
-    monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda cc: False)
+def test_named_remat_policies_keep_cudnn_attention_residuals(cudnn_present, policy, forwards):
+    """cuDNN's flash attention, lowered for CUDA here (conftest's `cudnn_present`): the policies
+    that keep attention ("save_matmuls", "save_attention") keep its kernel's residuals, so its
+    forward runs once; "full" and "dots" run it again in the backward pass."""
     cfg = MixtralConfig.preset("tiny").replace(
         hidden_size=128, dtype="bfloat16", attention_impl="cudnn", moe_impl="ragged",
         remat=policy)

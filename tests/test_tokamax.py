@@ -3,15 +3,12 @@ scripts/check_gpu_stack.sh runs it in a venv with the GPU image's versions).
 
 tokamax's Mosaic-GPU kernels run only on a GPU, but they lower for CUDA without one: Mosaic GPU
 builds each kernel, infers its register layouts and checks its shared memory while lowering. So,
-pretending the default device is a Hopper GPU (compute capability 9.0, 132 SMs) and cuDNN 9.14
-is there, these check that every block config the bench times or the model runs makes a kernel
+pretending to be an H100 (conftest's `pretend_h100`), these check that every block config the bench times or the model runs makes a kernel
 (forward, dx and dw) on the bench model's expert shapes, and count the kernels in the bench train
 step under each remat policy. The VJP's numerics are checked with tokamax's own XLA op.
 """
 
 from __future__ import annotations
-
-import types
 
 import numpy as np
 import pytest
@@ -20,36 +17,14 @@ pytest.importorskip("tokamax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+from cuda_lowering import bench_step_text, lower_for_cuda  # noqa: E402
 
 from zephyr_jax import bench  # noqa: E402
 from zephyr_jax.config import MixtralConfig  # noqa: E402
 from zephyr_jax.kernels import tokamax_gmm  # noqa: E402
-from zephyr_jax.model import Mixtral, dispatch, params_dict  # noqa: E402
-from zephyr_jax.optim import make_optimizer, make_schedule  # noqa: E402
-from zephyr_jax.train_step import create_train_state, make_train_step  # noqa: E402
+from zephyr_jax.model import dispatch  # noqa: E402
 
 MOSAIC = "custom_call @mosaic_gpu_v2("
-
-
-@pytest.fixture
-def hopper(monkeypatch):
-    """Lower for an H100 from this CPU: tokamax asks the default device for its compute capability
-    (and its SM count, for persistent kernels); jax's cuDNN attention asks for cuDNN's version."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-    from tokamax._src import gpu_utils
-    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu_kernel_sm90 as sm90
-
-    monkeypatch.setattr(gpu_utils, "_compute_capability", lambda device=None: 9.0)
-    h100 = types.SimpleNamespace(core_count=132)
-    monkeypatch.setattr(sm90, "backend", types.SimpleNamespace(get_default_device=lambda: h100))
-    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91400)
-    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda cc: True)
-    monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda cc: False)
-
-
-def _lower_for_cuda(fn, *args) -> str:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_our_vjp_through_tokamax_ops_equals_ragged_dot():
@@ -87,7 +62,7 @@ CONFIGS = {"heuristics": None, **{bench._tile_name(t): t for t in bench.TOKAMAX_
 
 @pytest.mark.parametrize("shape", ["up", "down"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_every_block_config_lowers_for_hopper(hopper, name, shape):
+def test_every_block_config_lowers_for_hopper(pretend_h100, name, shape):
     """Each config the bench times (and the dispatch runs) makes all three kernels on the bench
     model's expert GEMMs: one Mosaic-GPU call each for forward, dx and dw."""
     M, K, N, G = _expert_shapes()[shape]
@@ -101,10 +76,10 @@ def test_every_block_config_lowers_for_hopper(hopper, name, shape):
 
     x = jax.ShapeDtypeStruct((M, K), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((G, K, N), jnp.bfloat16)
-    assert _lower_for_cuda(fwd_bwd, x, w).count(MOSAIC) == 3
+    assert lower_for_cuda(fwd_bwd, x, w).count(MOSAIC) == 3
 
 
-def test_a_block_config_past_shared_memory_fails_to_lower(hopper):
+def test_a_block_config_past_shared_memory_fails_to_lower(pretend_h100):
     """The control: 128 x 128 x 128 tiles in 4 stages need 256 KiB of shared memory, more than
     Hopper's 227 KiB, and lowering says so (so a config the test passes does fit)."""
     cfg = {"block_m": 128, "block_n": 128, "block_k": 128, "num_stages": 4, "split_k": 1,
@@ -115,27 +90,19 @@ def test_a_block_config_past_shared_memory_fails_to_lower(hopper):
     x = jax.ShapeDtypeStruct((M, K), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((G, K, N), jnp.bfloat16)
     with pytest.raises(ValueError, match="exceeds available shared memory"):
-        _lower_for_cuda(lambda x, w: matmul(x, w, sizes), x, w)
+        lower_for_cuda(lambda x, w: matmul(x, w, sizes), x, w)
 
 
 @pytest.mark.parametrize("policy, mosaic, cudnn_forwards", [
     ("none", 9, 1), ("save_matmuls", 9, 1), ("save_attention", 12, 1), ("full", 12, 2)])
-def test_bench_step_lowers_and_remat_keeps_what_it_names(hopper, policy, mosaic, cudnn_forwards):
+def test_bench_step_lowers_and_remat_keeps_what_it_names(pretend_h100, policy, mosaic, cudnn_forwards):
     """The GPU bench's train step (bench model, tokamax experts, cuDNN attention; abstract
     parameters, nothing allocated) lowers for CUDA. In its one scanned layer: 3 expert GEMMs x
     (forward, dx, dw) = 9 Mosaic kernels, + 3 where the policy recomputes the MoE forward; cuDNN's
     attention forward once, twice where the policy recomputes attention."""
     _, cfg = bench.resolve_config("bench", "gpu", moe_impl="tokamax", remat=policy)
     assert cfg.attention_impl == "cudnn"
-    pairs, seq = bench.default_shape("bench")
-    batch = bench.make_batch(cfg.vocab_size, pairs, seq)
-    schedule = make_schedule("constant", bench.LR, warmup_steps=0, total_steps=1)
-    tx = make_optimizer(schedule, weight_decay=0.0, max_grad_norm=1.0)
-    params = jax.eval_shape(lambda: params_dict(Mixtral(cfg, rngs=nnx.Rngs(0))))
-    state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
-    device_batch = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype) for k, v in batch.items()}
-    step = make_train_step(cfg, tx, schedule, bench.BETA, bench.CHUNK_SIZE)
-    text = _lower_for_cuda(step, state, device_batch)
+    text = bench_step_text(cfg)
     assert text.count(MOSAIC) == mosaic
     assert text.count("custom_call @__cudnn$fmhaSoftmax(") == cudnn_forwards
     assert text.count("custom_call @__cudnn$fmhaSoftmaxBackward(") == 1

@@ -76,6 +76,10 @@ def use_cpu_devices(n: int) -> None:
     jax.config.update("jax_num_cpu_devices", n)
 
 
+# GPU-kernel expert layers and what the plan compiles in their place (see `plan`)
+GPU_KERNEL_STAND_INS = {"tokamax": "ragged", "pallas": "ragged"}
+
+
 def resolve_model_config(cfg):
     """(MixtralConfig, note) of the run: the preset, a local config.json, or for a Hub id the
     matching shipped preset read as that config.json (the runtime fields as the trainer sets)."""
@@ -239,6 +243,13 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
 
         model_cfg = model_cfg.replace(moe_impl=auto_impl("gpu"))
         model_note += f"; moe_impl auto -> {model_cfg.moe_impl} (the GPU's choice)"
+    gpu_impl = model_cfg.moe_impl
+    if model_cfg.moe_impl in GPU_KERNEL_STAND_INS:
+        # its kernels lower only for a GPU (tokamax) or run interpreted here (pallas), while the
+        # plan compiles for the simulated CPUs: ragged_dot has the same dropless buffers and keeps
+        # the same residuals (inputs only), so memory and FLOPs are the GPU kernel's
+        model_cfg = model_cfg.replace(moe_impl=GPU_KERNEL_STAND_INS[gpu_impl])
+        model_note += f"; {gpu_impl} simulated by {model_cfg.moe_impl} (same buffers)"
     devices = jax.device_count()
     global_batch = cfg.per_device_train_batch_size * devices  # pairs per micro-batch
     accum = cfg.gradient_accumulation_steps
@@ -296,7 +307,7 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
         "sequences_per_step": sequences,
         "max_length": cfg.max_length,
         "model": {"params": model_cfg.num_params, "active_params": model_cfg.num_active_params,
-                  "remat": model_cfg.remat, "moe_impl": model_cfg.moe_impl,
+                  "remat": model_cfg.remat, "moe_impl": gpu_impl,
                   "attention_impl": model_cfg.attention_impl, "param_dtype": model_cfg.param_dtype,
                   "optimizer_moment_dtype": cfg.optimizer_moment_dtype,
                   "loss_chunk_size": cfg.loss_chunk_size},

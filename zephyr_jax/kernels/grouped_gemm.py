@@ -123,7 +123,10 @@ def _gmm_vjp(x_MK, w_GKN, group_sizes_G, tiles: Tiles):
 
 
 def _gmm_fwd(x_MK, w_GKN, group_sizes_G, tiles):
-    return _gmm(x_MK, w_GKN, group_sizes_G, tiles, transpose_rhs=False), (x_MK, w_GKN, group_sizes_G)
+    # the output through the custom-VJP function, not the kernel itself: jax.checkpoint then sees
+    # one custom_vjp_call whose output a remat policy can keep by name; a bare pallas_call here was
+    # recomputed in the backward pass under every policy (tests/test_gpu_lowering.py)
+    return _gmm_vjp(x_MK, w_GKN, group_sizes_G, tiles), (x_MK, w_GKN, group_sizes_G)
 
 
 def _gmm_bwd(tiles, res, dy_MN):
