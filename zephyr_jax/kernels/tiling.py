@@ -62,6 +62,14 @@ def match_varying(*arrays: jax.Array) -> list[jax.Array]:
     return out
 
 
+def vary_like(a: jax.Array, like: jax.Array) -> jax.Array:
+    """`a` cast to vary over the shard_map axes `like` varies over (a custom VJP's cotangent typed
+    like its primal, where a kernel outside our control typed it less varying). Outside
+    shard_map: a no-op."""
+    missing = tuple(sorted(_varying(like) - _varying(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
 def out_struct(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
     """A kernel's output type, varying over the same shard_map axes as `like` (which
     `match_varying` made the union of its inputs'): shard_map requires it of Pallas outputs."""

@@ -20,6 +20,8 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
+from zephyr_jax.kernels.tiling import match_varying, vary_like
+
 
 @functools.cache
 def available() -> bool:
@@ -92,13 +94,19 @@ def ops_matmul(fwd_op, dx_op, dw_op):
     def matmul_bwd(res, dy_MN):
         x_MK, w_GKN, group_sizes_G = res
         dy_MN = _rows_in_groups(dy_MN, group_sizes_G)
+        # inside shard_map (expert parallelism) each cotangent must vary over the mesh axes its
+        # primal does: tokamax's ops take `manual_axis_type` for that (as its own VJP passes it),
+        # but its dw kernel's output comes out less varying, hence `vary_like` below
         dx_MK = dx_op(dy_MN, w_GKN, group_sizes=group_sizes_G,  # [M, N] x [G, K, N]^T
                       ragged_dot_dimension_numbers=base.TRANS_RHS_RAGGED_DOT_DIM_NUMS,
-                      preferred_element_type=x_MK.dtype)
+                      preferred_element_type=x_MK.dtype,
+                      manual_axis_type=jax.typeof(x_MK).manual_axis_type.to_ct_mat())
         dw_GKN = dw_op(x_MK, dy_MN, group_sizes=group_sizes_G,  # contracts the ragged rows
                        ragged_dot_dimension_numbers=base.RAGGED_CONTRACTING_DOT_DIM_NUMS,
-                       preferred_element_type=w_GKN.dtype)
-        return _rows_in_groups(dx_MK, group_sizes_G), dw_GKN, None
+                       preferred_element_type=w_GKN.dtype,
+                       manual_axis_type=jax.typeof(w_GKN).manual_axis_type.to_ct_mat())
+        return (vary_like(_rows_in_groups(dx_MK, group_sizes_G), x_MK),
+                vary_like(dw_GKN, w_GKN), None)
 
     matmul.defvjp(matmul_fwd, matmul_bwd)
     return matmul
@@ -112,6 +120,8 @@ def tokamax_matmul(fwd: dict | None = None, dx: dict | None = None, dw: dict | N
 
     def matmul(x_MK, w_GKN, group_sizes_G):
         ops = (mosaic_op("forward", fwd), mosaic_op("dx", dx), mosaic_op("dw", dw))
+        # under shard_map: the weights cast to vary like the tokens (see `match_varying`)
+        x_MK, w_GKN = match_varying(x_MK, w_GKN)
         return ops_matmul(*ops)(x_MK, w_GKN, group_sizes_G)
 
     return matmul
