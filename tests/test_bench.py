@@ -188,3 +188,21 @@ def test_train_step_has_no_host_round_trips():
 
     control = jax.jit(noisy).lower(jnp.ones(3)).compile().as_text()
     assert _host_round_trips(control)
+
+
+def test_a_step_past_the_device_memory_limit_is_refused_before_running():
+    """XLA's memory plan against the allocator's `bytes_limit` (GPUs report it; here a stand-in
+    device does): refused with both numbers, not run into an out-of-memory failure."""
+    import types
+
+    import jax
+
+    cfg = MixtralConfig.preset("tiny")
+    batch = bench.make_batch(cfg.vocab_size, pairs=1, seq_len=16)
+    compiled, *_ = bench.build_step(cfg, bench.init_params(cfg), batch)
+    need = bench.compiled_memory(compiled)
+    small = types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": need - 1})
+    with pytest.raises(MemoryError, match=r"needs .* GiB by XLA's memory plan; the device allows"):
+        bench.check_fits(small, compiled)
+    bench.check_fits(types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": need}), compiled)
+    bench.check_fits(jax.devices()[0], compiled)  # CPU: no limit reported, no check

@@ -263,7 +263,7 @@ def _fake_tokamax(monkeypatch):
         bypass_device_check: bool = False
 
         def __call__(self, lhs, rhs, *, group_sizes, ragged_dot_dimension_numbers,
-                     preferred_element_type=None):
+                     preferred_element_type=None, manual_axis_type=None):
             calls.append((self, ragged_dot_dimension_numbers))
             out = jax.lax.ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers,
                                              preferred_element_type=preferred_element_type)

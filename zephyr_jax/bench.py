@@ -49,6 +49,7 @@ SMALL_SHAPE = (2, 256)
 # Dense bf16 tensor-core peaks (FLOP/s) by device-kind substring; PERF.md's MFU basis.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 BETA, LR, CHUNK_SIZE = 0.05, 5e-6, 512
+BENCH_MEM_FRACTION = 0.9  # of GPU memory for our step when the reference ran first (`main`)
 PROMPT_FRACTION = 4  # the first seq // 4 tokens are the (shared, label-masked) prompt
 
 
@@ -189,6 +190,18 @@ def compiled_memory(compiled) -> int:
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                - m.alias_size_in_bytes)
+
+
+def check_fits(device: jax.Device, compiled) -> None:
+    """Refuse to run a step whose XLA memory plan exceeds the device allocator's limit: it would
+    fail out of memory part-way, after its time was spent, and could leave the allocator
+    fragmented for the variants after it. (No limit reported, as on CPU: no check.)"""
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    need = compiled_memory(compiled)
+    if limit and need > limit:
+        raise MemoryError(f"the step needs {_gib(need)} by XLA's memory plan; the device allows "
+                          f"{_gib(limit)} (bytes_limit: XLA_CLIENT_MEM_FRACTION of its memory); "
+                          "not run")
 
 
 def memory_report(device: jax.Device, compiled) -> tuple[int, str]:
@@ -518,6 +531,7 @@ def _measure_variant(a: argparse.Namespace, device: jax.Device, cfg: MixtralConf
     tag += f", attention {cfg.attention_impl}, remat {cfg.remat}"
     try:
         compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch)
+        check_fits(device, compiled)
         times, loss0, grad_norm0 = time_ours(compiled, state, device_batch, a.steps, a.warmup)
         mem, mem_label = memory_report(device, compiled)
     except Exception as e:  # a kernel that does not build here is a result, not the end of the run
@@ -580,6 +594,11 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.reference == "hf":  # the child process needs GPU memory JAX would otherwise preallocate
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        # the child has exited before our variants allocate: let them use 90% of the device
+        # rather than jax's default 75% limit (which holds without preallocation too), the
+        # margin `python -m zephyr_jax.gpu_aot` showed the bench's dense step needs on an H200
+        for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+            os.environ.setdefault(name, str(BENCH_MEM_FRACTION))
     device = jax.devices()[0]
     impl0 = a.moe_impls[0] if a.moe_impls else None
     name, cfg = resolve_config(a.config, device.platform, impl0, a.dtype,

@@ -178,7 +178,9 @@ def _gmm(lhs_MC, rhs, group_sizes_G, tiles: Tiles, *, transpose_rhs: bool):
             b = rhs_ref[g_w, pl.ds(c0, bc), pl.ds(o * bo, bo)]
             return acc + plgpu.dot(a, b)
 
-        steps = jnp.where(g < G, C // bc, 0)
+        # not jnp.where(g < G, C // bc, 0): jax 0.11's Triton lowering types a select of two
+        # literals as i1, which Triton's verifier rejects (found compiling for an H100 deviceless)
+        steps = (g < G).astype(jnp.int32) * (C // bc)
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bo), jnp.float32))
         plgpu.store(out_ref.at[pl.ds(row0, bm), pl.ds(o * bo, bo)], acc.astype(out_ref.dtype),
                     mask=mine[:, None])
