@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The test suite on the GPU image's software, without its GPU: Python 3.12, jax/jaxlib 0.11.2,
 # flax 0.12.12, transformers 5.17.0, trl 1.16.0, tokamax 0.0.17 (which needs Python >= 3.12 and so
-# never installs on CI's Python 3.11). tests/test_tokamax.py runs only here: tokamax's Mosaic-GPU
-# kernels lowered for an H100 (block configs, shared memory, the bench step under each remat
-# policy, expert parallelism), and our VJP through tokamax's own ops.
+# never installs on CI's Python 3.11), and jax's CUDA plugin. Two test files run only here:
+# tests/test_tokamax.py (tokamax's Mosaic-GPU kernels lowered for an H100: block configs, shared
+# memory, the bench step under each remat policy; our VJP through tokamax's own ops) and
+# tests/test_gpu_aot.py (the bench step and our Pallas kernels compiled for an H100 by XLA's GPU
+# compiler, no GPU needed).
 #
-#     bash scripts/check_gpu_stack.sh            # torch-free tests (~5 min, ~1.5 GB venv)
+#     bash scripts/check_gpu_stack.sh            # torch-free tests (~6 min; ~4 GB venv)
 #     WITH_TORCH=1 bash scripts/check_gpu_stack.sh   # everything; torch 2.11.0 from PyPI is a
-#                                                    # CUDA build (~3 GB of downloads)
+#                                                    # CUDA build (~1 GB more)
 #
 # Needs a python3.12 (PYTHON312=/path/to/python3.12; pyenv's is found) and PyPI. The venv goes to
 # ${VENV:-/tmp/zephyr-gpu-stack}; pytest's arguments may follow (default: the tests that need no
@@ -21,8 +23,10 @@ VENV=${VENV:-/tmp/zephyr-gpu-stack}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 # the GPU image's versions (the device tool's KINDS.md), and tokamax for moe_impl=tokamax
-"$VENV/bin/pip" install -q jax==0.11.2 jaxlib==0.11.2 flax==0.12.12 transformers==5.17.0 \
-  trl==1.16.0 tokamax==0.0.17 pytest
+# with jax's CUDA plugin and NVIDIA's libraries (~3 GB; they load without a GPU), for
+# tests/test_gpu_aot.py: compiling for an H100 here
+"$VENV/bin/pip" install -q "jax[cuda13]==0.11.2" jaxlib==0.11.2 flax==0.12.12 \
+  transformers==5.17.0 trl==1.16.0 tokamax==0.0.17 pytest
 if [ -n "${WITH_TORCH:-}" ]; then "$VENV/bin/pip" install -q torch==2.11.0; fi
 # the project without its test extra (which pins CI's CPU torch 2.13.0)
 "$VENV/bin/pip" install -q -e . nbclient nbformat ipykernel matplotlib ruff
