@@ -49,7 +49,7 @@ from zephyr_jax import bench, gpu_aot
 from zephyr_jax.kernels import gmm
 from zephyr_jax.model import dispatch
 gpu_aot.pretend()
-mesh, _ = gpu_aot.topology_mesh(gpu_aot.TARGETS["h100"])
+mesh = gpu_aot.topology_mesh(gpu_aot.TARGETS["h100"])
 on_gpu = NamedSharding(mesh, PartitionSpec())
 x = jax.ShapeDtypeStruct((32768, 2048), jnp.bfloat16, sharding=on_gpu)
 w = jax.ShapeDtypeStruct((8, 2048, 5632), jnp.bfloat16, sharding=on_gpu)

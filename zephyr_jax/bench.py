@@ -599,8 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         # the child has exited before our variants allocate: let them use 90% of the device
         # rather than jax's default 75% limit (which holds without preallocation too), the
         # margin `python -m zephyr_jax.gpu_aot` showed the bench's dense step needs on an H200
-        for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
-            os.environ.setdefault(name, str(BENCH_MEM_FRACTION))
+        names = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")  # new, old name
+        if not any(n in os.environ for n in names):  # a user's setting, under either name, wins
+            for n in names:
+                os.environ[n] = str(BENCH_MEM_FRACTION)
     device = jax.devices()[0]
     impl0 = a.moe_impls[0] if a.moe_impls else None
     name, cfg = resolve_config(a.config, device.platform, impl0, a.dtype,

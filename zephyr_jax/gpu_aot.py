@@ -132,7 +132,7 @@ def topology_mesh(target: Target):
         raise SystemExit(
             f"gpu_aot: cannot compile for CUDA here ({e}); it needs jax's CUDA plugin "
             '(pip install "jax[cuda13]") and JAX_PLATFORMS=cpu') from e
-    return topologies.make_mesh(topo, (1,), ("device",)), topo
+    return topologies.make_mesh(topo, (1,), ("device",))
 
 
 def abstract_bench_step(cfg, pairs: int, seq: int, sharding=None):
@@ -165,7 +165,7 @@ def compile_bench_step(cfg, target: Target, pairs: int, seq: int) -> dict:
     """XLA's memory plan (bytes) for the bench's train step of `cfg` compiled for `target`."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    mesh, _ = topology_mesh(target)
+    mesh = topology_mesh(target)
     step, state, batch = abstract_bench_step(cfg, pairs, seq, NamedSharding(mesh, PartitionSpec()))
     m = step.trace(state, batch).lower().compile().memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
