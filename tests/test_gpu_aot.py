@@ -27,6 +27,16 @@ def _gpu_aot(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
+def test_largest_array_reads_hlo_types():
+    from zephyr_jax.gpu_aot import largest_array
+
+    hlo = ("%p = bf16[8,2048]{1,0} parameter(0)\n"
+           "%f = f32[16384,32000]{1,0} fusion(bf16[8,2048]{1,0} %p), kind=kLoop\n"
+           "%s = (s32[], pred[4,4]) tuple()")
+    assert largest_array(hlo) == ("f32[16384,32000]", 16384 * 32000 * 4)
+    assert largest_array("%c = s32[] constant(0)") == ("s32[]", 4)
+
+
 @pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="jax's CUDA plugin is installed here")
 def test_without_the_cuda_plugin_it_says_what_is_missing():
     proc = _gpu_aot("--moe-impl", "dense")
@@ -84,11 +94,12 @@ print("RESULT " + json.dumps({"cases": sorted(cases), "failed": failed}))
 
 
 @needs_plugin
-def test_bench_step_compiles_for_h100_with_each_gpu_kernel():
+def test_bench_step_compiles_for_h100_with_each_gpu_kernel(tmp_path):
     """The bench's train step with our Pallas kernels and, where tokamax is installed, tokamax's
     (cuDNN attention both), compiled for an H100: XLA's memory plan comes back per variant."""
     impls = "pallas,tokamax" if importlib.util.find_spec("tokamax") else "pallas"
-    proc = _gpu_aot("--target", "h100", "--moe-impl", impls, "--remat", "save_matmuls")
+    proc = _gpu_aot("--target", "h100", "--moe-impl", impls, "--remat", "save_matmuls",
+                    "--dump-hlo", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["target"] == "NVIDIA H100 80GB HBM3" and result["mem_fraction"] == 0.75
@@ -98,3 +109,13 @@ def test_bench_step_compiles_for_h100_with_each_gpu_kernel():
         # in place; the step's activations come on top
         assert row["alias_bytes"] > 0.99 * row["output_bytes"]
         assert row["total_bytes"] > row["argument_bytes"] > 13 * 2**30
+    # no [sequences, T, vocab] array anywhere in the compiled programs, not even in bf16: the
+    # loss runs the LM head over 512-token chunks (issue 7: log-probs without a float32
+    # [B, T, vocab] copy), as XLA's GPU compiler builds it
+    from zephyr_jax.gpu_aot import hlo_arrays
+
+    tokens = 2 * result["batch_pairs"] * result["seq_len"]
+    for impl in impls.split(","):
+        arrays = hlo_arrays((tmp_path / f"{impl}_save_matmuls.hlo.txt").read_text())
+        vocab = {t: n for t, n in arrays.items() if ",32000]" in t or "[32000," in t}
+        assert vocab and max(vocab.values()) < tokens * 32000 * 2, sorted(vocab)

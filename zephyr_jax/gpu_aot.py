@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -161,18 +163,46 @@ def abstract_bench_step(cfg, pairs: int, seq: int, sharding=None):
     return step, state, batch
 
 
-def compile_bench_step(cfg, target: Target, pairs: int, seq: int) -> dict:
-    """XLA's memory plan (bytes) for the bench's train step of `cfg` compiled for `target`."""
+def compile_bench_step(cfg, target: Target, pairs: int, seq: int,
+                       hlo_path: str | None = None) -> dict:
+    """XLA's memory plan (bytes) for the bench's train step of `cfg` compiled for `target`;
+    the compiled program's HLO text is written to `hlo_path` if given."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     mesh = topology_mesh(target)
     step, state, batch = abstract_bench_step(cfg, pairs, seq, NamedSharding(mesh, PartitionSpec()))
-    m = step.trace(state, batch).lower().compile().memory_analysis()
+    compiled = step.trace(state, batch).lower().compile()
+    m = compiled.memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
              + m.temp_size_in_bytes)
+    hlo = compiled.as_text()
+    if hlo_path:
+        tmp = f"{hlo_path}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(hlo)
+        os.replace(tmp, hlo_path)
+    largest, largest_bytes = largest_array(hlo)
     return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
             "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
-            "total_bytes": total}
+            "total_bytes": total, "largest_array": largest, "largest_array_bytes": largest_bytes}
+
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([\d,]*)\]")
+
+
+def hlo_arrays(hlo_text: str) -> dict[str, int]:
+    """Every array type in a compiled program's HLO (parameters, fusion outputs and internals,
+    loop carries) -> its bytes."""
+    return {f"{dtype}[{dims}]": _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+            for dtype, dims in _ARRAY.findall(hlo_text)}
+
+
+def largest_array(hlo_text: str) -> tuple[str, int]:
+    """The largest array type in a compiled program and its bytes (with layers scanned, often a
+    per-layer activation stacked over the layers for the backward pass)."""
+    return max(hlo_arrays(hlo_text).items(), key=lambda kv: kv[1], default=("", 0))
 
 
 def parse_args(argv):
@@ -184,6 +214,8 @@ def parse_args(argv):
     ap.add_argument("--attention-impl", default=None, help="default: cudnn (bf16 configs)")
     ap.add_argument("--batch-pairs", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--dump-hlo", metavar="DIR", default=None,
+                    help="write each variant's compiled HLO to DIR/<moe_impl>_<remat>.hlo.txt")
     ap.add_argument("--mem-fraction", type=float, default=None,
                     help="the allocator's share of the device for 'fits' (default: "
                          "XLA_CLIENT_MEM_FRACTION, else jax's 0.75; the bench with "
@@ -213,11 +245,16 @@ def main(argv: list[str] | None = None) -> int:
                                           remat=remat)
             row = {"moe_impl": impl, "remat": remat, "attention_impl": cfg.attention_impl}
             try:
-                row.update(compile_bench_step(cfg, target, pairs, seq))
+                hlo_path = None
+                if a.dump_hlo:
+                    os.makedirs(a.dump_hlo, exist_ok=True)
+                    hlo_path = os.path.join(a.dump_hlo, f"{impl}_{remat}.hlo.txt")
+                row.update(compile_bench_step(cfg, target, pairs, seq, hlo_path))
                 row["fits"] = row["total_bytes"] <= limit
                 print(f"{impl:>9} {remat:>14}: {row['total_bytes'] / GiB:6.1f} GiB "
                       f"(arguments {row['argument_bytes'] / GiB:.1f}, temporaries "
-                      f"{row['temp_bytes'] / GiB:.1f}) {'fits' if row['fits'] else 'DOES NOT FIT'}",
+                      f"{row['temp_bytes'] / GiB:.1f}; largest array {row['largest_array']}) "
+                      f"{'fits' if row['fits'] else 'DOES NOT FIT'}",
                       flush=True)
             except Exception as e:  # noqa: BLE001 - one variant's failure is a result, go on
                 row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
