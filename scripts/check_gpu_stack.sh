@@ -33,6 +33,10 @@ if [ -n "${WITH_TORCH:-}" ]; then "$VENV/bin/pip" install -q torch==2.11.0; fi
 "$VENV/bin/python" -c "import jax, flax, tokamax, transformers; print('jax', jax.__version__, \
 'flax', flax.__version__, 'transformers', transformers.__version__, 'tokamax importable')"
 
+# the tests run on the CPU: without this, jax tries the CUDA plugin at start-up on a machine
+# with no GPU and prints the plugin's failed initialization (a traceback) on stderr, which tests
+# that check a command's stderr for tracebacks count as failures
+export JAX_PLATFORMS=cpu
 if [ $# -gt 0 ]; then
   exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 elif [ -n "${WITH_TORCH:-}" ]; then
