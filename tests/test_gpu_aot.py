@@ -119,3 +119,38 @@ def test_bench_step_compiles_for_h100_with_each_gpu_kernel(tmp_path):
         arrays = hlo_arrays((tmp_path / f"{impl}_save_matmuls.hlo.txt").read_text())
         vocab = {t: n for t, n in arrays.items() if ",32000]" in t or "[32000," in t}
         assert vocab and max(vocab.values()) < tokens * 32000 * 2, sorted(vocab)
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "zephyr_jax.plan", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+TINY_PLAN = ("configs/demo.yaml", "--mesh", "2x4", "--model_preset", "tiny", "--max_length", "64",
+             "--max_prompt_length", "32", "--max_steps", "10", "--per_device_train_batch_size", "2")
+
+
+def test_plan_for_gpus_refuses_the_cpu_only_flag():
+    proc = _plan(*TINY_PLAN, "--target", "h100", "--without_cpu_hoisting")
+    assert proc.returncode == 2 and "--without_cpu_hoisting" in proc.stderr
+
+
+@needs_plugin
+def test_plan_compiles_the_trainer_step_for_8_h100s():
+    """`python -m zephyr_jax.plan --target h100`: the trainer's sharded step compiled by XLA's GPU
+    compiler for 8 compile-only H100s (one host), with the same per-device split of the state
+    as the CPU plan (tests/test_plan.py)."""
+    from zephyr_jax.config import MixtralConfig
+
+    proc = _plan(*TINY_PLAN, "--target", "h100")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["devices"] == 8 and r["compiled_for"].startswith("8 x NVIDIA H100")
+    assert "XLA:GPU buffer assignment" in proc.stdout
+    total_param_bytes = MixtralConfig.preset("tiny").num_params * 4  # float32
+    b = r["per_device_bytes"]
+    # every weight splits 8 ways on (data, expert); the norms (under 1 KiB) are replicated
+    assert total_param_bytes / 8 <= b["params"] <= total_param_bytes / 8 + 1024
+    assert b["total"] == b["argument"] + b["output"] - b["alias"] + b["temp"] > b["params"]

@@ -203,6 +203,8 @@ def test_auto_moe_impl_is_chosen_per_platform():
     assert dispatch.auto_impl("tpu") == "ragged"
     gpu = "tokamax" if dispatch.tokamax_available() else "dense"
     assert dispatch.auto_impl("gpu") == dispatch.auto_impl("cuda") == gpu
+    assert dispatch.auto_impl("gpu", "float16") == gpu
+    assert dispatch.auto_impl("gpu", "float32") == "dense"  # tokamax's kernels are bf16/fp16 only
     assert dispatch.auto_impl("rocm") == "dense"
     assert dispatch.resolve("auto") == "scan"  # this machine
     assert dispatch.resolve("ragged", "tpu") == "ragged"  # explicit choices are kept
@@ -378,6 +380,7 @@ def test_compile_time_does_not_grow_with_depth():
         (dict(num_experts_per_tok=5), "num_experts_per_tok"),
         (dict(hidden_size=0), "hidden_size"),
         (dict(moe_impl="magic"), "moe_impl"),
+        (dict(moe_impl="tokamax"), "moe_impl"),  # tiny computes in float32
         (dict(rms_norm_eps=0.0), "rms_norm_eps"),
     ],
 )

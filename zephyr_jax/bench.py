@@ -501,7 +501,7 @@ def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
         f"params + 6 x layers x seq x hidden); peak {peak / 1e12:.4g} TFLOP/s [{peak_source}]")
     # logged before our variants run, so a run cut short still has the reference in its log
     ref_fields = {} if ref is None else _compare(ref, tokens, fpt, peak)
-    variants = [_measure_variant(a, device, cfg.replace(moe_impl=m, attention_impl=att, remat=r),
+    variants = [_measure_variant(a, device, cfg, dict(moe_impl=m, attention_impl=att, remat=r),
                                  batch, tokens, fpt, peak) for m, att, r in combos]
     if ref is not None:
         for v in variants:
@@ -524,14 +524,16 @@ def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
 
 
 def _measure_variant(a: argparse.Namespace, device: jax.Device, cfg: MixtralConfig,
-                     batch: dict[str, np.ndarray], tokens: int, fpt: float, peak: float) -> dict:
-    """One implementation's step: fresh weights (the step donates its state), compile, time."""
-    out = {"moe_impl": cfg.moe_impl,
-           "moe_impl_resolved": dispatch.resolve(cfg.moe_impl, device.platform),
-           "attention_impl": cfg.attention_impl, "remat": cfg.remat}
-    tag = out["moe_impl"] + (f" -> {out['moe_impl_resolved']}" if cfg.moe_impl == "auto" else "")
-    tag += f", attention {cfg.attention_impl}, remat {cfg.remat}"
+                     variant: dict[str, str], batch: dict[str, np.ndarray], tokens: int,
+                     fpt: float, peak: float) -> dict:
+    """One implementation's step (`cfg` with `variant`'s moe_impl, attention_impl and remat):
+    fresh weights (the step donates its state), compile, time."""
+    out = {**variant, "moe_impl_resolved": dispatch.resolve(variant["moe_impl"], device.platform,
+                                                            cfg.dtype)}
+    tag = out["moe_impl"] + (f" -> {out['moe_impl_resolved']}" if out["moe_impl"] == "auto" else "")
+    tag += f", attention {out['attention_impl']}, remat {out['remat']}"
     try:
+        cfg = cfg.replace(**variant)  # a combination the config rejects is this variant's error
         compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch)
         check_fits(device, compiled)
         times, loss0, grad_norm0 = time_ours(compiled, state, device_batch, a.steps, a.warmup)
@@ -604,8 +606,9 @@ def main(argv: list[str] | None = None) -> int:
             for n in names:
                 os.environ[n] = str(BENCH_MEM_FRACTION)
     device = jax.devices()[0]
-    impl0 = a.moe_impls[0] if a.moe_impls else None
-    name, cfg = resolve_config(a.config, device.platform, impl0, a.dtype,
+    # each variant's moe_impl is set per variant (`measure_step`): a combination the config
+    # rejects (tokamax with float32) is then that variant's error, not the run's
+    name, cfg = resolve_config(a.config, device.platform, None, a.dtype,
                                attention_impl=(a.attention_impls or [None])[0],
                                remat=(a.remats or [None])[0])
     pairs = a.batch_pairs or default_shape(name)[0]

@@ -110,6 +110,9 @@ class MixtralConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}")
+        need(self.moe_impl != "tokamax" or self.dtype in ("bfloat16", "float16"), "moe_impl",
+             f"'tokamax' computes in bfloat16/float16 only, and dtype is {self.dtype!r} "
+             "('auto' picks another implementation for float32)")
         need(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be > 0")
         need(self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl",

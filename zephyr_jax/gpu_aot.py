@@ -123,18 +123,29 @@ def pretend(setattr_=setattr) -> None:
         setattr_(sm90, "backend", types.SimpleNamespace(get_default_device=lambda: device))
 
 
-def topology_mesh(target: Target):
-    """A one-device mesh of `target` for compilation (no local GPU needed)."""
+def topology_devices(target: Target, n: int) -> list:
+    """`n` compile-only devices of `target`: one host of up to 8, else hosts of 8 (the 4 x 8 H100
+    cluster of the recipe is 4 hosts of 8)."""
     from jax.experimental import topologies
 
+    shape = f"1x1x{n}" if n <= 8 else f"1x{n // 8}x8"
+    if n > 8 and n % 8:
+        raise SystemExit(f"gpu_aot: {n} GPUs do not make hosts of 8")
     try:
-        topo = topologies.get_topology_desc(platform="cuda", target_config=target.config(),
-                                            topology="1x1x1")
+        return list(topologies.get_topology_desc(platform="cuda", target_config=target.config(),
+                                                 topology=shape).devices)
     except (NotImplementedError, RuntimeError) as e:
         raise SystemExit(
             f"gpu_aot: cannot compile for CUDA here ({e}); it needs jax's CUDA plugin "
             '(pip install "jax[cuda13]") and JAX_PLATFORMS=cpu') from e
-    return topologies.make_mesh(topo, (1,), ("device",))
+
+
+def topology_mesh(target: Target):
+    """A one-device mesh of `target` for compilation (no local GPU needed)."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(topology_devices(target, 1)), ("device",))
 
 
 def abstract_bench_step(cfg, pairs: int, seq: int, sharding=None):

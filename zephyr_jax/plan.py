@@ -10,7 +10,9 @@ model plans on a laptop. Other `--key value` pairs override the training config 
 `flops_per_step`, `devices`, the memory breakdown, ...).
 
 Memory is XLA:CPU's buffer assignment of the per-device SPMD program (arguments + outputs -
-donated aliases + temporaries): a proxy for the GPU build, not the same program. It errs high:
+donated aliases + temporaries): a proxy for the GPU build, not the same program, unless
+`--target h100` (or h200) compiles it with XLA's GPU compiler for that many GPUs instead, without
+one (jax's CUDA plugin needed: zephyr_jax/gpu_aot.py); then it is the GPU build's own plan. It errs high:
 XLA:CPU computes bf16 dots in float32 and hoists float32 copies of whole [layers, ...] weight
 stacks out of the layer loop; `--without_cpu_hoisting` also reports the step compiled without
 that hoisting. FLOPs: the analytic model count (6 x active params x tokens + attention) drives
@@ -52,6 +54,9 @@ def _parse(argv: list[str]):
     ap.add_argument("--without_cpu_hoisting", action="store_true",
                     help="also compile without XLA:CPU's loop-invariant code motion, whose float32 "
                     "copies of bf16 weight stacks a GPU build does not make (a second compile)")
+    ap.add_argument("--target", choices=("cpu", "h100", "h200"), default="cpu",
+                    help="compile for simulated CPU devices (default), or with XLA's GPU compiler "
+                    "for H100s / H200s without one (needs jax's CUDA plugin; zephyr_jax/gpu_aot.py)")
     ap.add_argument("--dump_hlo", help="write the compiled per-device HLO text here")
     return ap.parse_known_args(argv)
 
@@ -222,9 +227,11 @@ def memory_breakdown(mem, params_b: int, opt_b: int, batch_b: int) -> dict:
 
 
 def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pairs: int | None = None,
-         without_cpu_hoisting: bool = False, dump_hlo: str | None = None, log=print) -> dict:
-    """Compile `cfg`'s train step for all current devices (the mesh must cover them) from
-    abstract inputs and return the plan as a dict (the CLI's last line)."""
+         without_cpu_hoisting: bool = False, dump_hlo: str | None = None, log=print,
+         target: str = "cpu", gpus: int | None = None) -> dict:
+    """Compile `cfg`'s train step for all current devices (the mesh must cover them), or for
+    `gpus` compile-only GPUs of `target` ("h100", "h200"), from abstract inputs and return the
+    plan as a dict (the CLI's last line)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -241,16 +248,23 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
         # the simulated devices are CPUs, the cluster is GPUs: plan the GPU's choice
         from zephyr_jax.model.dispatch import auto_impl
 
-        model_cfg = model_cfg.replace(moe_impl=auto_impl("gpu"))
+        model_cfg = model_cfg.replace(moe_impl=auto_impl("gpu", model_cfg.dtype))
         model_note += f"; moe_impl auto -> {model_cfg.moe_impl} (the GPU's choice)"
     gpu_impl = model_cfg.moe_impl
-    if model_cfg.moe_impl in GPU_KERNEL_STAND_INS:
+    on_gpu = target != "cpu"
+    if on_gpu:  # XLA's GPU compiler, for GPUs described to it (zephyr_jax/gpu_aot.py)
+        from zephyr_jax import gpu_aot
+
+        gpu_aot.pretend()
+        gpu_devices = gpu_aot.topology_devices(gpu_aot.TARGETS[target], gpus)
+        model_note += f"; compiled for {len(gpu_devices)} x {gpu_aot.TARGETS[target].name}"
+    elif model_cfg.moe_impl in GPU_KERNEL_STAND_INS:
         # its kernels lower only for a GPU (tokamax) or run interpreted here (pallas), while the
         # plan compiles for the simulated CPUs: ragged_dot has the same dropless buffers and keeps
         # the same residuals (inputs only), so memory and FLOPs are the GPU kernel's
         model_cfg = model_cfg.replace(moe_impl=GPU_KERNEL_STAND_INS[gpu_impl])
         model_note += f"; {gpu_impl} simulated by {model_cfg.moe_impl} (same buffers)"
-    devices = jax.device_count()
+    devices = len(gpu_devices) if on_gpu else jax.device_count()
     global_batch = cfg.per_device_train_batch_size * devices  # pairs per micro-batch
     accum = cfg.gradient_accumulation_steps
     pairs, pairs_note = None, ""
@@ -267,7 +281,8 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
         total_steps, steps_note = None, f"unknown ({pairs_note}); pass --train_pairs N"
 
     # the trainer's own construction: mesh, rules, optimizer, shardings, jitted step
-    mesh, rules, p_shard = mesh_and_shardings(cfg, model_cfg, global_batch)
+    mesh, rules, p_shard = mesh_and_shardings(cfg, model_cfg, global_batch,
+                                              gpu_devices if on_gpu else None)
     schedule, tx = make_tx(cfg, total_steps or 1)
     abstract_params = params_dict(nnx.eval_shape(lambda: Mixtral(model_cfg, rngs=nnx.Rngs(0))))
     spec = sharding.logical_to_spec(("activation_batch", "activation_length"), rules, mesh=mesh)
@@ -296,7 +311,8 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
     sequences = 2 * global_batch * accum
     fl = analytic_flops(model_cfg, sequences, cfg.max_length)
-    fl["compiled_dots"] = hlo_dot_flops(hlo) * devices
+    # XLA:GPU emits most GEMMs as library or kernel calls (cuBLAS, Triton, Mosaic), not HLO dots
+    fl["compiled_dots"] = None if on_gpu else hlo_dot_flops(hlo) * devices
     fl["xla_cost_analysis_per_device"] = float(cost.get("flops", -1.0))
     step_s = fl["model_flops"] / (devices * peak_flops * mfu)
     result = {
@@ -317,10 +333,13 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
         "flops": fl,
         "projection": {
             "mfu": mfu, "peak_flops_per_device": peak_flops, "step_seconds": step_s,
-            "step_seconds_compiled_dots": fl["compiled_dots"] / (devices * peak_flops * mfu),
+            "step_seconds_compiled_dots": (None if fl["compiled_dots"] is None else
+                                           fl["compiled_dots"] / (devices * peak_flops * mfu)),
             "total_steps": total_steps, "steps_from": steps_note,
             "run_hours": step_s * total_steps / 3600 if total_steps else None},
         "seconds": {"lower": t_lower, "compile": t_compile},
+        "compiled_for": (f"{devices} x {gpu_aot.TARGETS[target].name} (XLA's GPU compiler, "
+                         "compile-only devices)" if on_gpu else f"{devices} simulated CPU devices"),
     }
     if without_cpu_hoisting:
         t1 = time.perf_counter()
@@ -346,9 +365,10 @@ def _report(r: dict, log) -> None:
         f"{m['loss_chunk_size']}")
     log(f"mesh {r['mesh']} = {r['devices']} devices; one step: {r['global_batch_pairs']} pairs = "
         f"{r['sequences_per_step']} sequences x {r['max_length']} tokens")
-    log(f"compiled for {r['devices']} simulated CPU devices: {r['seconds']['lower']:.0f} s trace "
+    log(f"compiled for {r['compiled_for']}: {r['seconds']['lower']:.0f} s trace "
         f"+ lower, {r['seconds']['compile']:.0f} s compile")
-    log("memory per device (XLA:CPU buffer assignment of the per-device SPMD program):")
+    compiler = "XLA:GPU" if "GPU" in r["compiled_for"] else "XLA:CPU"
+    log(f"memory per device ({compiler} buffer assignment of the per-device SPMD program):")
     log(f"  parameters            {_gib(b['params'])}")
     log(f"  optimizer state       {_gib(b['optimizer_state'])}")
     log(f"  batch + other inputs  {_gib(b['batch'] + b['other_arguments'])}")
@@ -368,14 +388,20 @@ def _report(r: dict, log) -> None:
     if m["remat"] in ("full", "save_attention"):
         what = "forward" if m["remat"] == "full" else "expert-GEMM forward"
         log(f"    + {m['remat']} remat {what} recompute = {fl['with_remat']:.3e}")
-    log(f"  compiled program      {fl['compiled_dots']:.3e}  its dots, loops x trip count (padded "
-        "buffers, e.g. the dropless MoE exchange, are computed in full)")
-    log(f"  XLA cost_analysis     {fl['xla_cost_analysis_per_device']:.3e} per device: counts each "
-        "loop body (one layer, one loss chunk) once; not a step total")
+    if fl["compiled_dots"] is not None:
+        log(f"  compiled program      {fl['compiled_dots']:.3e}  its dots, loops x trip count "
+            "(padded buffers, e.g. the dropless MoE exchange, are computed in full)")
+        log(f"  XLA cost_analysis     {fl['xla_cost_analysis_per_device']:.3e} per device: counts "
+            "each loop body (one layer, one loss chunk) once; not a step total")
+    else:
+        log("  compiled program      n/a: XLA:GPU runs its GEMMs as cuBLAS / Triton / Mosaic calls, "
+            "which carry no HLO dot to count")
     log(f"projection at MFU {pr['mfu']}: step time = model FLOPs / (devices x peak x MFU) = "
         f"{fl['model_flops']:.3e} / ({r['devices']} x {pr['peak_flops_per_device']:.3g} x "
         f"{pr['mfu']}) = {pr['step_seconds']:.3g} s")
-    log(f"  (the compiled program's FLOPs at the same rate: {pr['step_seconds_compiled_dots']:.3g} s)")
+    if pr["step_seconds_compiled_dots"] is not None:
+        log(f"  (the compiled program's FLOPs at the same rate: "
+            f"{pr['step_seconds_compiled_dots']:.3g} s)")
     if pr["total_steps"]:
         log(f"  run time = {pr['total_steps']} steps x {pr['step_seconds']:.3g} s = "
             f"{pr['run_hours']:.3g} h; steps: {pr['steps_from']}")
@@ -393,10 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.mesh:
             mc = parse_mesh(args.mesh)
             cfg = dataclasses.replace(cfg, mesh={a: getattr(mc, a) for a in mc.axis_names})
-        use_cpu_devices(mesh_devices(cfg.mesh, args.devices))
+        n = mesh_devices(cfg.mesh, args.devices)
+        if args.target != "cpu" and args.without_cpu_hoisting:
+            raise ConfigError("--without_cpu_hoisting is about XLA:CPU; drop it with --target")
+        # with --target the GPUs are compile-only: jax itself stays on one CPU device
+        use_cpu_devices(n if args.target == "cpu" else 1)
         result = plan(cfg, mfu=args.mfu, peak_flops=args.peak_tflops * 1e12,
                       train_pairs=args.train_pairs, without_cpu_hoisting=args.without_cpu_hoisting,
-                      dump_hlo=args.dump_hlo)
+                      dump_hlo=args.dump_hlo, target=args.target, gpus=n)
     except (ConfigError, ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -132,10 +132,12 @@ def evaluate(eval_fn, params, examples, batch_size: int, max_length: int, pad_to
     return {f"eval_{k}": v for k, v in _mean_window(window).items()}
 
 
-def mesh_and_shardings(cfg: TrainConfig, model_cfg: MixtralConfig, global_batch: int):
-    """(mesh, rules, params shardings) for `cfg` on all devices; raises ShardingError naming the
-    keys when `global_batch` pairs per micro-batch or the experts cannot be split."""
-    mesh = sharding.make_mesh(sharding.MeshConfig.from_dict(cfg.mesh, source="mesh"))
+def mesh_and_shardings(cfg: TrainConfig, model_cfg: MixtralConfig, global_batch: int,
+                       devices=None):
+    """(mesh, rules, params shardings) for `cfg` on all devices (or `devices`: the planner's
+    compile-only GPUs); raises ShardingError naming the keys when `global_batch` pairs per
+    micro-batch or the experts cannot be split."""
+    mesh = sharding.make_mesh(sharding.MeshConfig.from_dict(cfg.mesh, source="mesh"), devices)
     rules = sharding.normalize_rules(cfg.sharding_rules) if cfg.sharding_rules else sharding.DEFAULT_RULES
     sharding.validate(mesh, model_cfg, global_batch, rules)
     return mesh, rules, sharding.params_dict_shardings(model_cfg, mesh, rules)

@@ -166,12 +166,14 @@ DISPATCH: dict[str, DispatchFn] = {
 ragged = DISPATCH["ragged"]
 
 
-def auto_impl(platform: str) -> str:
-    """What moe_impl="auto" runs on `platform` ("cpu", "gpu"/"cuda"/"rocm", "tpu").
+def auto_impl(platform: str, dtype="bfloat16") -> str:
+    """What moe_impl="auto" runs on `platform` ("cpu", "gpu"/"cuda"/"rocm", "tpu") for expert
+    GEMMs computed in `dtype`.
 
     Chosen from measurements (docs/PERFORMANCE.md, ../shared/PERF.md), all dropless:
     - cpu: "scan", 3.4-6x the rate of XLA:CPU's ragged_dot forward and backward (`bench --gemm`);
-    - gpu: "tokamax" where installed (PERF.md, H200: 333 / 248 TFLOP/s forward / backward against
+    - gpu: "tokamax" where installed and the dtype is bf16 / fp16, all its kernels take (PERF.md,
+      H200: 333 / 248 TFLOP/s forward / backward against
       105 / 85 for ragged_dot); otherwise "dense": E/k times the expert FLOPs, but at dense-matmul
       rate (823 TFLOP/s there), i.e. ~200 TFLOP/s of useful work at top-2 of 8, about twice
       ragged_dot, at E/k times the expert activation memory. Our Pallas kernel ("pallas") is not
@@ -181,16 +183,18 @@ def auto_impl(platform: str) -> str:
     if platform == "cpu":
         return "scan"
     if platform in ("gpu", "cuda", "rocm"):
-        return "tokamax" if platform != "rocm" and tokamax_available() else "dense"
+        half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "tokamax" if platform != "rocm" and half and tokamax_available() else "dense"
     return "ragged"
 
 
-def resolve(name: str, platform: str | None = None) -> str:
+def resolve(name: str, platform: str | None = None, dtype="bfloat16") -> str:
     """The implementation `name` stands for: itself, or auto's choice for `platform` (default: JAX's
-    default backend, where jit places the computation; the ambient mesh may be abstract)."""
+    default backend, where jit places the computation; the ambient mesh may be abstract) and
+    `dtype`, the expert GEMMs' compute dtype."""
     if name != "auto":
         return name
-    return auto_impl(platform or jax.default_backend())
+    return auto_impl(platform or jax.default_backend(), dtype)
 
 
 def get_dispatch(name: str) -> DispatchFn:
@@ -200,7 +204,7 @@ def get_dispatch(name: str) -> DispatchFn:
 
     def dispatch(x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor=1.25):
         # decided at trace time: the ambient mesh is part of jit's cache key
-        impl = resolve(name)
+        impl = resolve(name, dtype=x_ND.dtype)
         plan = sharding.expert_parallel_plan()
         if plan is None:
             return DISPATCH[impl](x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD, capacity_factor)

@@ -67,7 +67,7 @@ def expert_parallel(impl: str, plan: ExpertParallelPlan, x_ND, expert_NK, weight
     """Expert-parallel dispatch over `plan`'s mesh for moe_impl `impl`."""
     if impl not in LOCAL_IMPLS:
         raise ValueError(f"moe_impl={impl!r} has no expert-parallel path; have {sorted(LOCAL_IMPLS)}")
-    local = LOCAL_IMPLS[impl] or resolve("auto")
+    local = LOCAL_IMPLS[impl] or resolve("auto", dtype=x_ND.dtype)
     local_fn = DISPATCH[local]
     E = w1_EDF.shape[0]
     N, K = expert_NK.shape
