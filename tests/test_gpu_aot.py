@@ -37,6 +37,16 @@ def test_largest_array_reads_hlo_types():
     assert largest_array("%c = s32[] constant(0)") == ("s32[]", 4)
 
 
+@pytest.mark.parametrize("flag, env, shown", [
+    (["--mem-fraction", "1.5"], {}, "--mem-fraction must be a fraction in (0, 1], got 1.5"),
+    ([], {"XLA_CLIENT_MEM_FRACTION": "most"}, "XLA_CLIENT_MEM_FRACTION must be a fraction"),
+])
+def test_a_bad_memory_fraction_is_named(flag, env, shown):
+    proc = subprocess.run([sys.executable, "-m", "zephyr_jax.gpu_aot", *flag], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert proc.returncode != 0 and shown in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="jax's CUDA plugin is installed here")
 def test_without_the_cuda_plugin_it_says_what_is_missing():
     proc = _gpu_aot("--moe-impl", "dense")

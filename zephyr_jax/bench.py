@@ -150,6 +150,16 @@ def init_params(cfg: MixtralConfig, seed: int = 0) -> dict:
     return params_dict(Mixtral(cfg, rngs=nnx.Rngs(seed)))
 
 
+def jitted_step(cfg: MixtralConfig, *, beta: float = BETA, lr: float = LR,
+                chunk_size: int = CHUNK_SIZE):
+    """(the trainer's step jitted with the state donated, its optimizer): `make_optimizer`'s
+    torch-style clipping at 1.0 and AdamW at a constant learning rate. What `build_step` compiles
+    and `gpu_aot` compiles for a GPU from abstract inputs."""
+    schedule = make_schedule("constant", lr, warmup_steps=0, total_steps=1)
+    tx = make_optimizer(schedule, weight_decay=0.0, max_grad_norm=1.0)
+    return jax.jit(make_train_step(cfg, tx, schedule, beta, chunk_size), donate_argnums=0), tx
+
+
 def build_step(cfg: MixtralConfig, params: dict, batch: dict[str, np.ndarray], *, beta: float = BETA,
                lr: float = LR, chunk_size: int = CHUNK_SIZE):
     """(compiled step, state, device batch, compile seconds) for the trainer's step on one device.
@@ -158,11 +168,9 @@ def build_step(cfg: MixtralConfig, params: dict, batch: dict[str, np.ndarray], *
     the parameter dtype) at a constant learning rate; the batch gets the leading
     gradient-accumulation axis `make_train_step` takes (A = 1).
     """
-    schedule = make_schedule("constant", lr, warmup_steps=0, total_steps=1)
-    tx = make_optimizer(schedule, weight_decay=0.0, max_grad_norm=1.0)
+    step, tx = jitted_step(cfg, beta=beta, lr=lr, chunk_size=chunk_size)
     state = create_train_state(params, tx)
     device_batch = {k: jnp.asarray(v[None]) for k, v in batch.items()}
-    step = jax.jit(make_train_step(cfg, tx, schedule, beta, chunk_size), donate_argnums=0)
     t0 = time.perf_counter()
     compiled = step.lower(state, device_batch).compile()
     return compiled, state, device_batch, time.perf_counter() - t0

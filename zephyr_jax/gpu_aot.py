@@ -158,19 +158,15 @@ def abstract_bench_step(cfg, pairs: int, seq: int, sharding=None):
 
     from zephyr_jax import bench
     from zephyr_jax.model import Mixtral, params_dict
-    from zephyr_jax.optim import make_optimizer, make_schedule
-    from zephyr_jax.train_step import create_train_state, make_train_step
+    from zephyr_jax.train_step import create_train_state
 
-    schedule = make_schedule("constant", bench.LR, warmup_steps=0, total_steps=1)
-    tx = make_optimizer(schedule, weight_decay=0.0, max_grad_norm=1.0)
+    step, tx = bench.jitted_step(cfg)
     params = jax.eval_shape(lambda: params_dict(Mixtral(cfg, rngs=nnx.Rngs(0))))
     state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                          state)
     batch = {k: jax.ShapeDtypeStruct((1, *v.shape), jnp.int32, sharding=sharding)
              for k, v in bench.make_batch(cfg.vocab_size, pairs, seq).items()}
-    step = jax.jit(make_train_step(cfg, tx, schedule, bench.BETA, bench.CHUNK_SIZE),
-                   donate_argnums=0)
     return step, state, batch
 
 
@@ -243,9 +239,17 @@ def main(argv: list[str] | None = None) -> int:
 
     target = TARGETS[a.target]
     pretend()
-    fraction = a.mem_fraction or float(os.environ.get(
-        "XLA_CLIENT_MEM_FRACTION",
-        os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION)))
+    fraction, source = a.mem_fraction, "--mem-fraction"
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        if fraction is None and name in os.environ:
+            fraction, source = os.environ[name], name
+    raw = DEFAULT_MEM_FRACTION if fraction is None else fraction
+    try:
+        fraction = float(raw)
+    except ValueError:
+        fraction = float("nan")
+    if not 0 < fraction <= 1:  # NaN fails too
+        raise SystemExit(f"gpu_aot: {source} must be a fraction in (0, 1], got {raw!r}")
     limit = int(target.memory_bytes * fraction)
     pairs = a.batch_pairs or bench.default_shape(a.config)[0]
     seq = a.seq_len or bench.default_shape(a.config)[1]
