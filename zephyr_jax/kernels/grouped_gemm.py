@@ -15,7 +15,8 @@ per (group, row tile), the layout of megablox's `gmm` / `tgmm`:
   group and each visit stores only its own rows (masked store), so the rows written are disjoint.
   There are at most M / bm + G items; spare items have no rows and store nothing.
 - `_tgmm` (dw[g] = x_g^T @ dy_g): grid (group, K block, N block); each program walks its group's
-  aligned row tiles, zeroing other groups' rows before the dot.
+  aligned row tiles, loading other groups' rows of x as zeros (a masked load, so both MMA operands
+  stay in shared memory and the loop pipelines: `python -m zephyr_jax.kernel_audit`).
 
 Every array is padded to whole blocks first (rows to bm, K and N to max(bk, bn)); the bench shapes
 need none. Accumulation is float32; outputs take the input dtype, like `ragged_dot`. float32 inputs
@@ -45,7 +46,8 @@ from zephyr_jax.kernels.tiling import (
 class Tiles(NamedTuple):
     """Block sizes (powers of two, >= 16 for Triton's dot) and Triton launch parameters.
 
-    (bm, bk, bn) tile the forward and dx kernels; (dw_bm, dw_bk, dw_bn) the dw kernel, whose
+    (bm, bk, bn) tile the forward and dx kernels (rows, contraction, output columns: in dx the
+    contraction runs over N and the output over K); (dw_bm, dw_bk, dw_bn) the dw kernel, whose
     output is a [dw_bk, dw_bn] block and whose loop runs over dw_bm-row tiles.
 
     `l2_order`: the launch order of the programs (CUDA runs the first grid axis fastest). True:
@@ -154,7 +156,11 @@ def _gmm(lhs_MC, rhs, group_sizes_G, tiles: Tiles, *, transpose_rhs: bool):
     G = rhs.shape[0]
     n_out = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     bm = tiles.bm
-    bc, bo = (tiles.bn, tiles.bk) if transpose_rhs else (tiles.bk, tiles.bn)
+    # dx blocks like the forward (contraction bk, output columns bn), not the forward's weight
+    # tile transposed (contraction bn, output bk): the wgmma instruction's N is the output block,
+    # and at 64 Hopper's MMA reads shared memory twice per FLOP what it does at 128
+    # (`python -m zephyr_jax.kernel_audit` shows m64n64k16 before, m64n128k16 now)
+    bc, bo = tiles.bk, tiles.bn
     starts, ends = group_bounds(group_sizes_G, M)
     group_T, tile_T = work_items(starts, ends, M, bm)
 
@@ -217,8 +223,10 @@ def _tgmm(x_MK, dy_MN, group_sizes_G, tiles: Tiles):
             row0 = pl.multiple_of((first + i) * bm, bm)
             rows = row0 + jnp.arange(bm, dtype=jnp.int32)
             mine = (rows >= start) & (rows < end)
-            a = x_ref[pl.ds(row0, bm), pl.ds(kb * bk, bk)]
-            a = jnp.where(mine[:, None], a, jnp.zeros_like(a))
+            # masked in the load, not by a `where` after it: a `where` put the tile in registers,
+            # and Triton then fed wgmma from registers and waited for each MMA (kernel_audit)
+            a = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(kb * bk, bk)], mask=mine[:, None],
+                           other=0)
             b = dy_ref[pl.ds(row0, bm), pl.ds(nb * bn, bn)]
             return acc + plgpu.dot(a, b, trans_a=True)
 
