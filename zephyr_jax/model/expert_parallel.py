@@ -98,12 +98,15 @@ def expert_parallel(impl: str, plan: ExpertParallelPlan, x_ND, expert_NK, weight
         count_X = jnp.bincount(dest_m, length=X)
         slot_m = jnp.arange(m) - (jnp.cumsum(count_X) - count_X)[dest_m]
         overflow_m = slot_m >= P_rows
-        slot_m = jnp.where(overflow_m, P_rows, slot_m)  # out of bounds: dropped by the scatter
+        # out of bounds, each its own slot: dropped by the scatters (read back as zeros), and
+        # every (dest, slot) pair distinct, so the scatters can promise unique indices (their
+        # JVP is then a plain scatter, not jax's duplicate-tracking one; see dispatch._combine)
+        slot_m = jnp.where(overflow_m, P_rows + jnp.arange(m), slot_m)
 
         send_XPD = jnp.zeros((X, P_rows, D), x_nD.dtype).at[dest_m, slot_m].set(
-            x_nD[order_m // K], mode="drop")
+            x_nD[order_m // K], mode="drop", unique_indices=True)
         send_XP = jnp.full((X, P_rows), E_loc, jnp.int32).at[dest_m, slot_m].set(
-            (sorted_m % E_loc).astype(jnp.int32), mode="drop")
+            (sorted_m % E_loc).astype(jnp.int32), mode="drop", unique_indices=True)
 
         recv_RD = jax.lax.all_to_all(send_XPD, ex_axes, 0, 0, tiled=True).reshape(X * P_rows, D)
         recv_R = jax.lax.all_to_all(send_XP, ex_axes, 0, 0, tiled=True).reshape(X * P_rows)
@@ -113,7 +116,8 @@ def expert_parallel(impl: str, plan: ExpertParallelPlan, x_ND, expert_NK, weight
                              w1_LDF, w3_LDF, w2_LFD)
 
         back_XPD = jax.lax.all_to_all(out_RD.reshape(X, P_rows, D), ex_axes, 0, 0, tiled=True)
-        out_sorted_mD = back_XPD.at[dest_m, slot_m].get(mode="fill", fill_value=0)
+        out_sorted_mD = back_XPD.at[dest_m, slot_m].get(mode="fill", fill_value=0,
+                                                         unique_indices=True)
         y_nD = _combine(out_sorted_mD, order_m, weight_nK, x_nD.dtype)
         dropped = jax.lax.psum(jnp.sum(overflow_m).astype(jnp.int32), plan.token_axes)
         return y_nD, dropped
