@@ -166,6 +166,60 @@ def test_dispatch_paths_agree_forward_and_gradients(impl):
         np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(rg))))
 
 
+def _residuals(fn, *args):
+    """(dtype, shape) of what autodiff keeps from `fn`'s forward pass for its backward pass."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    return [(r.dtype, r.shape) for r, _ in saved_residuals(fn, *args)]
+
+
+def test_rms_norm_keeps_its_input_not_a_float32_copy():
+    """bf16 activations: the backward pass keeps x itself (bf16) and redoes the float32 cast, not
+    a float32 copy of x (twice the bytes); plain autodiff of the same function (control) keeps
+    the copy. Gradients are bit-equal."""
+    from zephyr_jax.model.layers import _rms_norm, rms_norm
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16)).astype(jnp.bfloat16)
+    w = jnp.ones((16,), jnp.bfloat16)
+    kept = _residuals(lambda x, w: rms_norm(x, w, 1e-5), x, w)
+    assert (jnp.float32, (2, 5, 16)) not in kept and (jnp.bfloat16, (2, 5, 16)) in kept
+    plain = _residuals(lambda x, w: _rms_norm(x, w, 1e-5), x, w)
+    assert (jnp.float32, (2, 5, 16)) in plain
+    w = jax.random.normal(jax.random.key(1), (16,)).astype(jnp.bfloat16)
+    grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w, 1e-5).astype(jnp.float32) ** 2),
+                      argnums=(0, 1))(x, w) for f in (rms_norm, _rms_norm)]
+    for g, g_plain in zip(*grads, strict=True):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_plain, np.float32))
+
+
+@pytest.mark.parametrize("impl", ["ragged", "scan"])
+def test_grouped_dispatch_keeps_no_float32_copy_or_duplicate_mask(impl):
+    """bf16 experts: the combine keeps its bf16 input (not the float32 copy, [N, K, D]), and the
+    token permutation's scatter keeps no [M, D] mask (jax's rule for scatters whose indices may
+    repeat tracks which update won; ours promise unique indices). Control: the same dispatch
+    built with the general scatter and an unchecked float32 cast keeps both."""
+    x, idx, w, w1, w3, w2 = _routing_case()
+    x, w1, w3, w2 = (a.astype(jnp.bfloat16) for a in (x, w1, w3, w2))
+    N, K = idx.shape
+    D = x.shape[1]
+
+    def kept_by(fn):
+        return _residuals(lambda x, w, w1, w3, w2: fn(x, idx, w, w1, w3, w2)[0], x, w, w1, w3, w2)
+
+    kept = kept_by(dispatch.DISPATCH[impl])
+    assert (jnp.float32, (N, K, D)) not in kept and (jnp.bool_, (N * K, D)) not in kept, kept
+
+    def old_combine(out_sorted_MD, order_M, weight_NK, dtype):
+        out_MD = jnp.zeros_like(out_sorted_MD).at[order_M].set(out_sorted_MD)
+        out_NKD = out_MD.reshape(N, K, -1).astype(jnp.float32)
+        return jnp.einsum("nkd,nk->nd", out_NKD, weight_NK.astype(jnp.float32)).astype(dtype)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dispatch, "_combine", old_combine)
+        control = kept_by(dispatch.grouped(dispatch.GROUPED_MATMULS[impl]))
+    assert (jnp.float32, (N, K, D)) in control and (jnp.bool_, (N * K, D)) in control, control
+
+
 def test_capacity_dispatch_counts_dropped_assignments():
     x, _, w, w1, w3, w2 = _routing_case(N=16, K=2)
     idx = jnp.zeros((16, 2), jnp.int32).at[:, 1].set(1)  # everything to experts 0 and 1
