@@ -39,6 +39,7 @@ from zephyr_jax.kernels import gmm, scan_gmm
 from zephyr_jax.kernels.tokamax_gmm import available as tokamax_available
 from zephyr_jax.kernels.tokamax_gmm import tokamax_matmul
 from zephyr_jax.model import names
+from zephyr_jax.model.layers import keeping_inputs
 
 DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -95,24 +96,10 @@ def _weighted_sum_plain(out_NKD: jax.Array, weight_NK: jax.Array) -> jax.Array:
     return jnp.einsum("nkd,nk->nd", out_NKD.astype(jnp.float32), weight_NK.astype(jnp.float32))
 
 
-@jax.custom_vjp
-def _weighted_sum(out_NKD: jax.Array, weight_NK: jax.Array) -> jax.Array:
-    """sum_k weight[n, k] * out[n, k, :] in float32, as HF combines the experts. Its backward
-    pass keeps `out_NKD` in its own dtype and redoes the cast (autodiff of the same function),
-    instead of keeping the float32 copy plain autodiff saves (twice the bytes: 2 GiB at the
-    bench shapes); same values. A custom VJP, as for `layers.rms_norm`."""
-    return _weighted_sum_plain(out_NKD, weight_NK)
-
-
-def _weighted_sum_fwd(out_NKD, weight_NK):
-    return _weighted_sum_plain(out_NKD, weight_NK), (out_NKD, weight_NK)
-
-
-def _weighted_sum_bwd(res, d_y_ND):
-    return jax.vjp(_weighted_sum_plain, *res)[1](d_y_ND)
-
-
-_weighted_sum.defvjp(_weighted_sum_fwd, _weighted_sum_bwd)
+# sum_k weight[n, k] * out[n, k, :] in float32, as HF combines the experts. Its backward pass
+# keeps `out_NKD` in its own dtype and redoes the cast, instead of keeping the float32 copy plain
+# autodiff saves (twice the bytes: 2 GiB at the bench shapes); same values.
+_weighted_sum = keeping_inputs(_weighted_sum_plain)
 
 
 # The block configs moe_impl="tokamax" runs (forward, dx, dw): tokamax's heuristics until a GPU

@@ -25,29 +25,34 @@ def _rms_norm(x_BTD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
     return weight_D.astype(x_BTD.dtype) * normed
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x_BTD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
     """HF MixtralRMSNorm: normalize in float32, cast back, then scale.
 
     Its backward pass keeps the input in its own dtype and redoes the float32 cast and the row
-    statistics (autodiff of the same function, one elementwise pass), instead of keeping the
-    float32 copy of the input plain autodiff saves (2 x [B, T, D] float32 per layer: 2 GiB at the
-    bench shapes, bf16). A custom VJP rather than `jax.checkpoint`: nested in a layer's remat
-    policy, the checkpoint cost XLA 2.7 GiB more under `save_attention` (ragged, bench step
-    compiled for an H100)."""
-    return _rms_norm(x_BTD, weight_D, eps)
+    statistics (`keeping_inputs`), instead of keeping the float32 copy of the input plain
+    autodiff saves (2 x [B, T, D] float32 per layer: 2 GiB at the bench shapes, bf16)."""
+    return keeping_inputs(functools.partial(_rms_norm, eps=eps))(x_BTD, weight_D)
 
 
-def _rms_norm_fwd(x_BTD, weight_D, eps):
-    return _rms_norm(x_BTD, weight_D, eps), (x_BTD, weight_D)
+def keeping_inputs(fn):
+    """`fn` (of arrays) whose backward pass keeps only its inputs and runs autodiff of `fn` on
+    them: the same values and gradients, with `fn`'s intermediates (e.g. a float32 copy of a bf16
+    input) recomputed instead of kept. A custom VJP rather than `jax.checkpoint`: nested in a
+    layer's remat policy, the checkpoint cost XLA 2.7 GiB more under `save_attention` (ragged,
+    bench step compiled for an H100)."""
 
+    @jax.custom_vjp
+    def wrapped(*args):
+        return fn(*args)
 
-def _rms_norm_bwd(eps, res, d_out_BTD):
-    _, vjp = jax.vjp(lambda x, w: _rms_norm(x, w, eps), *res)
-    return vjp(d_out_BTD)
+    def wrapped_fwd(*args):
+        return fn(*args), args
 
+    def wrapped_bwd(args, d_out):
+        return jax.vjp(fn, *args)[1](d_out)
 
-rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+    wrapped.defvjp(wrapped_fwd, wrapped_bwd)
+    return wrapped
 
 
 def rope_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
