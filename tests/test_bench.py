@@ -6,6 +6,9 @@ Correctness only; nothing here asserts a speed.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ import pytest
 from zephyr_jax import bench
 from zephyr_jax.config import MixtralConfig
 from zephyr_jax.pretrained import save_pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 torch = pytest.importorskip("torch")
 bench_reference = pytest.importorskip("zephyr_jax.bench_reference")
@@ -206,3 +211,19 @@ def test_a_step_past_the_device_memory_limit_is_refused_before_running():
         bench.check_fits(small, compiled)
     bench.check_fits(types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": need}), compiled)
     bench.check_fits(jax.devices()[0], compiled)  # CPU: no limit reported, no check
+
+
+@pytest.mark.parametrize("module, config", [
+    ("bench", "nosuch"),
+    ("gpu_aot", "/nonexistent/model.yaml"),
+    ("kernel_audit", "nosuch"),
+])
+def test_a_bad_config_is_one_line_naming_it(module, config):
+    """A preset that does not exist or a YAML file that is missing ends the command with one line
+    naming `--config` and the value (these printed a traceback before), before any compilation
+    and whether or not jax's CUDA plugin is installed."""
+    proc = subprocess.run([sys.executable, "-m", f"zephyr_jax.{module}", "--config", config],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{module}: --config {config!r}" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -33,7 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zephyr_jax.config import ATTENTION_IMPLS, MOE_IMPLS, REMAT_POLICIES, MixtralConfig
+from zephyr_jax.config import (
+    ATTENTION_IMPLS,
+    MOE_IMPLS,
+    REMAT_POLICIES,
+    ConfigError,
+    MixtralConfig,
+)
 from zephyr_jax.model import Mixtral, dispatch, params_dict
 from zephyr_jax.optim import make_optimizer, make_schedule
 from zephyr_jax.train_step import create_train_state, make_train_step
@@ -81,6 +87,16 @@ def resolve_config(spec: str | None, platform: str, moe_impl: str | None = None,
     if dtype:
         overrides.update(dtype=dtype, param_dtype=dtype)
     return spec, cfg.replace(**overrides)
+
+
+def cli_config(prog: str, spec: str | None, platform: str, moe_impl: str | None = None,
+               dtype: str | None = None, **runtime: str) -> tuple[str, MixtralConfig]:
+    """`resolve_config` for a command line: a preset that does not exist, a YAML file that is
+    missing or a field it rejects ends the command with one line naming it, not a traceback."""
+    try:
+        return resolve_config(spec, platform, moe_impl, dtype, **runtime)
+    except (ConfigError, OSError) as e:
+        raise SystemExit(f"{prog}: --config {spec!r}: {e}") from None
 
 
 def default_shape(name: str) -> tuple[int, int]:
@@ -616,9 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     device = jax.devices()[0]
     # each variant's moe_impl is set per variant (`measure_step`): a combination the config
     # rejects (tokamax with float32) is then that variant's error, not the run's
-    name, cfg = resolve_config(a.config, device.platform, None, a.dtype,
-                               attention_impl=(a.attention_impls or [None])[0],
-                               remat=(a.remats or [None])[0])
+    name, cfg = cli_config("bench", a.config, device.platform, None, a.dtype,
+                           attention_impl=(a.attention_impls or [None])[0],
+                           remat=(a.remats or [None])[0])
     pairs = a.batch_pairs or default_shape(name)[0]
     seq = a.seq_len or default_shape(name)[1]
     result = (measure_gemm if a.gemm else measure_step)(a, device, name, cfg, pairs, seq)

@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for impl in a.moe_impl.split(","):
         for remat in a.remat.split(","):
-            _, cfg = bench.resolve_config(a.config, "gpu", impl, attention_impl=a.attention_impl,
-                                          remat=remat)
+            _, cfg = bench.cli_config("gpu_aot", a.config, "gpu", impl,
+                                      attention_impl=a.attention_impl, remat=remat)
             row = {"moe_impl": impl, "remat": remat, "attention_impl": cfg.attention_impl}
             try:
                 hlo_path = None

@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_platforms", "cpu")  # never open a local CUDA device
     from zephyr_jax import bench
 
+    _, cfg = bench.cli_config("kernel_audit", a.config, "gpu", "pallas")
     gpu_aot.pretend()
     mesh = gpu_aot.topology_mesh(gpu_aot.TARGETS[a.target])
-    _, cfg = bench.resolve_config(a.config, "gpu", "pallas")
     pairs, seq = bench.default_shape(a.config)
     d, f, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
     M = 2 * pairs * seq * cfg.num_experts_per_tok
@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                 result = audit_gmm(tiles, M, K, N, E, mesh)
                 row["kernels"] = {ROLE[k]: asdict(r) for k, r in result.kernels.items()}
                 row["spills"], row["healthy"] = result.spills, result.healthy()
+                # a kernel absent from XLA's dump (renamed, fused away) fails `healthy`: say so
+                row["missing"] = [ROLE[k] for k in KERNELS if k not in result.kernels]
+                if row["missing"]:
+                    print(f"{label:>22} {proj:>4}: no PTX found for {', '.join(row['missing'])}",
+                          flush=True)
                 for k, r in result.kernels.items():
                     print(f"{label:>22} {proj:>4} {ROLE[k]:>7}: {r.mma} x{r.mma_count}, operands "
                           f"{'smem' if r.operands_in_smem else 'REGISTERS'}, "

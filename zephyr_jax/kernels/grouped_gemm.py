@@ -159,7 +159,8 @@ def _gmm(lhs_MC, rhs, group_sizes_G, tiles: Tiles, *, transpose_rhs: bool):
     # dx blocks like the forward (contraction bk, output columns bn), not the forward's weight
     # tile transposed (contraction bn, output bk): the wgmma instruction's N is the output block,
     # and at 64 Hopper's MMA reads shared memory twice per FLOP what it does at 128
-    # (`python -m zephyr_jax.kernel_audit` shows m64n64k16 before, m64n128k16 now)
+    # (`python -m zephyr_jax.kernel_audit` shows m64n64k16 before, m64n128k16 now; the speed is
+    # unmeasured until `bench --gemm` times dx on a GPU)
     bc, bo = tiles.bk, tiles.bn
     starts, ends = group_bounds(group_sizes_G, M)
     group_T, tile_T = work_items(starts, ends, M, bm)
