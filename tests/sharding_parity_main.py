@@ -180,10 +180,22 @@ def _dispatch_checks(mesh, impls):
     steps = {"oracle": jax.jit(functools.partial(grad, dispatch.dense, None))}
     steps.update({impl: jax.jit(functools.partial(grad, dispatch.get_dispatch(impl), 1.0))
                   for impl in [*dispatch_impls, "capacity"]})
+    # the GPUs' backward pass of the token permutations (a gather through the inverse), run here
+    gathered = jax.jit(functools.partial(grad, dispatch.get_dispatch("ragged"), 1.0))
+
+    def ragged_gather_backward(*args):
+        saved = dispatch.GATHER_BACKWARD
+        dispatch.GATHER_BACKWARD = {"cpu": True}  # read when the first call traces
+        try:
+            return gathered(*args)
+        finally:
+            dispatch.GATHER_BACKWARD = saved
+
+    steps["ragged_gather_backward"] = ragged_gather_backward
     P_cap = exchange_rows(n, K, E // X, X, "capacity", 1.0)
     out = {}
     for rname, expert in routings.items():
-        for impl in [*dispatch_impls, "capacity"]:
+        for impl in [*dispatch_impls, "capacity", "ragged_gather_backward"]:
             w_ref = weight
             if impl == "capacity":
                 kept = capacity_kept(expert, P_cap)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -209,7 +210,7 @@ def test_grouped_dispatch_keeps_no_float32_copy_or_duplicate_mask(impl):
     kept = kept_by(dispatch.DISPATCH[impl])
     assert (jnp.float32, (N, K, D)) not in kept and (jnp.bool_, (N * K, D)) not in kept, kept
 
-    def old_combine(out_sorted_MD, order_M, weight_NK, dtype):
+    def old_combine(out_sorted_MD, order_M, inverse_M, weight_NK, dtype):
         out_MD = jnp.zeros_like(out_sorted_MD).at[order_M].set(out_sorted_MD)
         out_NKD = out_MD.reshape(N, K, -1).astype(jnp.float32)
         return jnp.einsum("nkd,nk->nd", out_NKD, weight_NK.astype(jnp.float32)).astype(dtype)
@@ -218,6 +219,53 @@ def test_grouped_dispatch_keeps_no_float32_copy_or_duplicate_mask(impl):
         mp.setattr(dispatch, "_combine", old_combine)
         control = kept_by(dispatch.grouped(dispatch.GROUPED_MATMULS[impl]))
     assert (jnp.float32, (N, K, D)) in control and (jnp.bool_, (N * K, D)) in control, control
+
+
+@pytest.mark.parametrize("impl", ["ragged", "scan", "capacity"])
+def test_dispatch_gradient_has_no_scatter_add_over_activations(impl, monkeypatch):
+    """With `GATHER_BACKWARD` (GPUs), the token gather's gradient is a gather through the inverse
+    permutation and a sum over each token's K copies, not a float scatter-add into [N, D] (one
+    atomic add per element on a GPU), and the combine is a gather, not a scatter. Control: autodiff's
+    form (XLA:CPU's default) has the scatter-add. Gradients are equal."""
+    x, idx, w, w1, w3, w2 = _routing_case()
+    x = x.astype(jnp.bfloat16)
+
+    def grad_of(fn):
+        def loss(x, w, w1):
+            return jnp.sum(jnp.sin(fn(x, idx, w, w1, w3, w2)[0].astype(jnp.float32)))
+        return jax.grad(loss, argnums=(0, 1, 2))
+
+    def float_scatters(fn):
+        counts = {}
+        for eqn in _equations(jax.make_jaxpr(grad_of(fn))(x, w, w1).jaxpr):
+            aval = eqn.outvars[0].aval
+            if eqn.primitive.name.startswith("scatter") and jnp.issubdtype(aval.dtype, jnp.floating):
+                counts[eqn.primitive.name, aval.shape] = counts.get((eqn.primitive.name, aval.shape), 0) + 1
+        return counts
+
+    fn = dispatch.DISPATCH[impl]
+    monkeypatch.setattr(dispatch, "GATHER_BACKWARD", {"cpu": True})
+    scatters = float_scatters(fn)
+    if impl == "capacity":  # its [E*C + 1, D] buffer shares one discard row: a scatter by design
+        scatters = {k: v for k, v in scatters.items() if k[1] != _capacity_rows(idx, w1)}
+    assert not scatters, scatters
+    got = grad_of(fn)(x, w, w1)
+
+    monkeypatch.setattr(dispatch, "GATHER_BACKWARD", {"cpu": False})
+    if impl == "capacity":  # the control: each token's K copies by indexing, not broadcasting
+        N, K = idx.shape
+        monkeypatch.setattr(dispatch.jnp, "broadcast_to", lambda a, shape: a[:, 0][
+            jnp.arange(N * K) // K].reshape(shape))
+    assert ("scatter-add", x.shape) in float_scatters(fn)
+    for g, g_want in zip(got, grad_of(fn)(x, w, w1), strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_want, np.float32),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def _capacity_rows(idx, w1_EDF) -> tuple[int, int]:
+    """Shape of the capacity dispatch's buffer at its default factor, 1.25."""
+    E, D, _ = w1_EDF.shape
+    return (E * math.ceil(1.25 * idx.size / E) + 1, D)
 
 
 def test_capacity_dispatch_counts_dropped_assignments():
@@ -291,16 +339,22 @@ def test_remat_and_bf16_compute():
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_logits))) < 0.05 * float(jnp.max(jnp.abs(ref_logits)))
 
 
-def _primitive_counts(jaxpr, counts=None) -> dict[str, int]:
-    """How often each primitive occurs in `jaxpr`, sub-jaxprs (scan bodies, custom VJPs) included."""
-    counts = {} if counts is None else counts
+def _equations(jaxpr):
+    """Every equation of `jaxpr`, those of its sub-jaxprs (scan bodies, custom VJPs) included."""
     for eqn in jaxpr.eqns:
-        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+        yield eqn
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    _primitive_counts(inner, counts)
+                    yield from _equations(inner)
+
+
+def _primitive_counts(jaxpr) -> dict[str, int]:
+    """How often each primitive occurs in `jaxpr`, sub-jaxprs (scan bodies, custom VJPs) included."""
+    counts = {}
+    for eqn in _equations(jaxpr):
+        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
     return counts
 
 

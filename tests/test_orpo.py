@@ -415,6 +415,48 @@ def _largest_intermediate(closed_jaxpr):
     return walk(closed_jaxpr.jaxpr)
 
 
+def _largest_outside_loops(closed_jaxpr):
+    """Largest array an equation produces outside every scan / while body (what runs once per
+    step, not once per chunk), descending into pjit and checkpoint bodies."""
+    def walk(jaxpr):
+        sizes = [math.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars
+                 if hasattr(v.aval, "shape")]
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("scan", "while"):
+                continue
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        sizes.append(walk(inner))
+        return max(sizes, default=0)
+    return walk(closed_jaxpr.jaxpr)
+
+
+def test_from_hidden_builds_no_chunk_sized_constants_outside_the_loop(monkeypatch):
+    """Loop-invariant [2B, C, V] arrays (e.g. a `jnp.where` broadcasting the vocab iota) are hoisted
+    by jax out of the chunk loop and materialized: 1.5 GiB at the bench shapes. The log-probs and
+    their VJP build none; control: the log-normalizer written with `jnp.where` makes one."""
+    B, T, D, V, C = 2, 64, 8, 512, 16
+    batch, hidden, head = _hidden_case(11, B=B, T=T, D=D, V=V)
+
+    def grad_jaxpr():
+        loss = lambda h, w: orpo.orpo_loss_from_hidden(h, w, batch, 0.05, chunk_size=C)[0]
+        return jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, head)
+
+    assert _largest_outside_loops(grad_jaxpr()) < 2 * B * C * V
+
+    def where_normalizer(logits_BTV):
+        top_BT1 = jnp.max(logits_BTV, axis=-1, keepdims=True)
+        vocab_V = jax.lax.broadcasted_iota(jnp.int32, (1, 1, V), 2)
+        pivot_BT1 = jnp.min(jnp.where(logits_BTV == top_BT1, vocab_V, V), axis=-1, keepdims=True)
+        rest_BT = jnp.sum(jnp.where(vocab_V == pivot_BT1, 0.0, jnp.exp(logits_BTV - top_BT1)), -1)
+        return top_BT1[..., 0], jnp.log1p(rest_BT)
+
+    monkeypatch.setattr(orpo, "_log_normalizer", where_normalizer)
+    assert _largest_outside_loops(grad_jaxpr()) >= 2 * B * C * V
+
+
 def test_from_hidden_never_builds_full_logits():
     B, T, D, V, C = 2, 64, 8, 512, 16
     batch, hidden, head = _hidden_case(11, B=B, T=T, D=D, V=V)

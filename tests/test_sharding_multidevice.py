@@ -61,6 +61,7 @@ def _check(result: dict, expert_size: int, data_size: int):
         assert y_err <= TOL and g_err <= TOL, (case, y_err, g_err)
         assert dropped == want_dropped, (case, dropped, want_dropped)
         assert want_dropped == 0 or case.endswith("/capacity")
+    assert "random/ragged_gather_backward" in result["dispatch"]
     # capacity_factor 1 must drop when every token picks the same two experts
     assert result["dispatch"]["all_to_experts_0_1/capacity"][3] > 0
 

@@ -125,9 +125,14 @@ def _log_normalizer(logits_BTV: jax.Array) -> tuple[jax.Array, jax.Array]:
     V = logits_BTV.shape[-1]
     top_BT1 = jnp.max(logits_BTV, axis=-1, keepdims=True)
     vocab_V = jax.lax.broadcasted_iota(jnp.int32, (1, 1, V), 2)
-    # the first maximal entry, by a min-reduce: argmax is a variadic reduce, 3x slower on XLA:CPU
-    pivot_BT1 = jnp.min(jnp.where(logits_BTV == top_BT1, vocab_V, V), axis=-1, keepdims=True)
-    rest_BT = jnp.sum(jnp.where(vocab_V == pivot_BT1, 0.0, jnp.exp(logits_BTV - top_BT1)), axis=-1)
+    # the first maximal entry, by a min-reduce: argmax is a variadic reduce, 3x slower on XLA:CPU.
+    # Arithmetic on masks rather than `jnp.where`, here and in the VJP: `where` broadcasts its
+    # constant operands (the iota, V, 0.0) to [B, C, V] first, and jax hoists those loop-invariant
+    # arrays out of the chunk loop: 1.5 GiB of materialized constants at the bench shapes (seen in
+    # the step compiled for an H100), read back every chunk.
+    not_top_BTV = (logits_BTV != top_BT1).astype(jnp.int32)
+    pivot_BT1 = jnp.min(vocab_V + V * not_top_BTV, axis=-1, keepdims=True)
+    rest_BT = jnp.sum((vocab_V != pivot_BT1) * jnp.exp(logits_BTV - top_BT1), axis=-1)
     return top_BT1[..., 0], jnp.log1p(rest_BT)
 
 
@@ -160,7 +165,7 @@ def _token_logps_bwd(res, g_KBT):
     valid_KBT = targets_KBT >= 0
     g_KBT = jnp.where(valid_KBT, g_KBT, 0.0)
     vocab_V = jax.lax.broadcasted_iota(jnp.int32, (1, 1, logits_BTV.shape[-1]), 2)
-    picked_BTV = sum(jnp.where(vocab_V == t_BT[..., None], g_BT[..., None], 0.0)
+    picked_BTV = sum((vocab_V == t_BT[..., None]) * g_BT[..., None]
                      for t_BT, g_BT in zip(targets_KBT, g_KBT, strict=True))
     # (precision of the sum only matters for the forward's log-probs near 0, not for softmax)
     probs_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - (top_BT + log1p_rest_BT)[..., None])

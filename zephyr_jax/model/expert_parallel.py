@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from zephyr_jax.model.dispatch import DISPATCH, _combine, resolve
+from zephyr_jax.model.dispatch import DISPATCH, _combine, inverse_permutation, resolve, take_rows
 from zephyr_jax.sharding import ExpertParallelPlan
 
 # moe_impl -> the local implementation run on the received rows (it must treat ids >= E_loc as
@@ -93,6 +93,7 @@ def expert_parallel(impl: str, plan: ExpertParallelPlan, x_ND, expert_NK, weight
         m, D = n * K, x_nD.shape[-1]
         flat_m = expert_nK.reshape(m)
         order_m = jnp.argsort(flat_m, stable=True)  # by expert, hence by destination device
+        inverse_m = inverse_permutation(order_m)
         sorted_m = flat_m[order_m]
         dest_m = sorted_m // E_loc
         count_X = jnp.bincount(dest_m, length=X)
@@ -100,11 +101,11 @@ def expert_parallel(impl: str, plan: ExpertParallelPlan, x_ND, expert_NK, weight
         overflow_m = slot_m >= P_rows
         # out of bounds, each its own slot: dropped by the scatters (read back as zeros), and
         # every (dest, slot) pair distinct, so the scatters can promise unique indices (their
-        # JVP is then a plain scatter, not jax's duplicate-tracking one; see dispatch._combine)
+        # JVP is then a plain scatter, not jax's duplicate-tracking one)
         slot_m = jnp.where(overflow_m, P_rows + jnp.arange(m), slot_m)
 
         send_XPD = jnp.zeros((X, P_rows, D), x_nD.dtype).at[dest_m, slot_m].set(
-            x_nD[order_m // K], mode="drop", unique_indices=True)
+            take_rows(K, x_nD, order_m, inverse_m), mode="drop", unique_indices=True)
         send_XP = jnp.full((X, P_rows), E_loc, jnp.int32).at[dest_m, slot_m].set(
             (sorted_m % E_loc).astype(jnp.int32), mode="drop", unique_indices=True)
 
@@ -118,7 +119,7 @@ def expert_parallel(impl: str, plan: ExpertParallelPlan, x_ND, expert_NK, weight
         back_XPD = jax.lax.all_to_all(out_RD.reshape(X, P_rows, D), ex_axes, 0, 0, tiled=True)
         out_sorted_mD = back_XPD.at[dest_m, slot_m].get(mode="fill", fill_value=0,
                                                          unique_indices=True)
-        y_nD = _combine(out_sorted_mD, order_m, weight_nK, x_nD.dtype)
+        y_nD = _combine(out_sorted_mD, order_m, inverse_m, weight_nK, x_nD.dtype)
         dropped = jax.lax.psum(jnp.sum(overflow_m).astype(jnp.int32), plan.token_axes)
         return y_nD, dropped
 
