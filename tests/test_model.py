@@ -193,6 +193,72 @@ def test_rms_norm_keeps_its_input_not_a_float32_copy():
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_plain, np.float32))
 
 
+def test_rms_norm_weight_gradient_sums_in_float32_as_transformers_bf16():
+    """bf16: the norm weight's gradient (a sum over every token) equals transformers'
+    MixtralRMSNorm's in bf16 (torch accumulates the sum in float32) to one bf16 rounding; the
+    forward is bit-equal to HF's bf16 product. Control: the product taken in bf16 (the sum then
+    accumulates in bf16) is off by more."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    from zephyr_jax.model.layers import rms_norm
+
+    N, D = 16384, 64
+    ks = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(ks[0], (1, N, D)).astype(jnp.bfloat16)
+    w = (1 + 0.1 * jax.random.normal(ks[1], (D,))).astype(jnp.bfloat16)
+    g = (0.01 * jax.random.normal(ks[2], (1, N, D)) + 0.002).astype(jnp.bfloat16)
+
+    hf = MixtralRMSNorm(D, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(torch.from_numpy(np.asarray(w, np.float32)).to(torch.bfloat16))
+    hf_y = hf(torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16))
+    hf_y.backward(torch.from_numpy(np.asarray(g, np.float32)).to(torch.bfloat16))
+    want = hf.weight.grad.float().numpy()
+
+    def weight_grad(norm):
+        y, vjp = jax.vjp(lambda w: norm(x, w), w)
+        return y, np.asarray(vjp(g)[0], np.float32)
+
+    y, got = weight_grad(lambda x, w: rms_norm(x, w, 1e-5))
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 2**-8 * scale, np.abs(got - want).max() / scale
+
+    def bf16_product(x, w):
+        x32 = x.astype(jnp.float32)
+        normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-5)).astype(x.dtype)
+        return w * normed
+
+    y_bf16, control = weight_grad(bf16_product)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_bf16, np.float32))
+    assert np.abs(control - want).max() > 2**-8 * scale
+
+
+def test_embedding_gradient_sums_in_float32():
+    """bf16 table: a token filling half the batch gets its gradient row summed in float32 and
+    rounded once (torch's CUDA embedding backward sums in float too): within one bf16 rounding of
+    the exact sum of the same bf16 cotangents. Control: autodiff's bf16 scatter-add is off by
+    more than 1%."""
+    from zephyr_jax.model.layers import embed_lookup
+
+    V, D, n = 100, 64, 4096
+    ids = jnp.concatenate([jnp.zeros(n // 2, jnp.int32),
+                           jax.random.randint(jax.random.key(0), (n // 2,), 0, V)]).reshape(8, -1)
+    g = (0.01 * jax.random.normal(jax.random.key(1), (*ids.shape, D)) + 0.003).astype(jnp.bfloat16)
+    table = jax.random.normal(jax.random.key(2), (V, D)).astype(jnp.bfloat16)
+    exact = np.zeros((V, D))
+    np.add.at(exact, np.asarray(ids).ravel(), np.asarray(g, np.float64).reshape(-1, D))
+
+    def row_errors(lookup):
+        out, vjp = jax.vjp(lambda t: lookup(t, ids), table)
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(table[ids], np.float32))
+        got = np.asarray(vjp(g)[0], np.float64)
+        assert vjp(g)[0].dtype == jnp.bfloat16
+        return np.abs(got - exact).max(-1) / np.maximum(np.abs(exact).max(-1), 1e-30)
+
+    assert row_errors(embed_lookup).max() <= 2**-8
+    assert row_errors(lambda t, i: jnp.take(t, i, axis=0))[0] > 1e-2
+
+
 @pytest.mark.parametrize("impl", ["ragged", "scan"])
 def test_grouped_dispatch_keeps_no_float32_copy_or_duplicate_mask(impl):
     """bf16 experts: the combine keeps its bf16 input (not the float32 copy, [N, K, D]), and the

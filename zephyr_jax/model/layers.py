@@ -22,7 +22,11 @@ def _rms_norm(x_BTD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
     x32 = x_BTD.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     normed = (x32 * jax.lax.rsqrt(var + eps)).astype(x_BTD.dtype)
-    return weight_D.astype(x_BTD.dtype) * normed
+    # HF scales in x's dtype: weight * normed rounded once, which the float32 product rounded to
+    # x's dtype equals. Multiplying in float32 makes the weight's gradient (a sum over every token)
+    # accumulate in float32, as torch's reductions do; in bf16 it lost ~6x more (1.2% of the
+    # largest entry over 16k tokens, against 0.3% for one rounding)
+    return (weight_D.astype(jnp.float32) * normed.astype(jnp.float32)).astype(x_BTD.dtype)
 
 
 def rms_norm(x_BTD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
@@ -53,6 +57,32 @@ def keeping_inputs(fn):
 
     wrapped.defvjp(wrapped_fwd, wrapped_bwd)
     return wrapped
+
+
+@jax.custom_vjp
+def embed_lookup(table_VD: jax.Array, ids_BT: jax.Array) -> jax.Array:
+    """`table_VD[ids_BT]`, whose table gradient is summed in float32 and rounded once.
+
+    Autodiff's gradient is a scatter-add in the table's dtype: with bf16 parameters a token that
+    fills half a batch got its row summed in bf16, 10-17% off the exact sum (CPU; on a GPU also in
+    atomic-add order). torch's CUDA embedding backward sums in `acc_type` (float for bf16).
+    """
+    return jnp.take(table_VD, ids_BT, axis=0)
+
+
+def _embed_lookup_fwd(table_VD, ids_BT):
+    # the table's shape and dtype travel as an empty array: residuals must be JAX types
+    return jnp.take(table_VD, ids_BT, axis=0), (ids_BT, jnp.zeros((table_VD.shape[0], 0), table_VD.dtype))
+
+
+def _embed_lookup_bwd(residuals, d_BTD):
+    ids_BT, tag_V0 = residuals
+    d_VD = jnp.zeros((tag_V0.shape[0], d_BTD.shape[-1]), jnp.float32)
+    d_VD = d_VD.at[ids_BT].add(d_BTD.astype(jnp.float32))
+    return d_VD.astype(tag_V0.dtype), None
+
+
+embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
 
 
 def rope_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:

@@ -20,6 +20,7 @@ from zephyr_jax.model.dispatch import get_dispatch
 from zephyr_jax.model.layers import (
     apply_rope,
     attention_mask_BTS,
+    embed_lookup,
     gqa_attention,
     rms_norm,
     rope_cos_sin,
@@ -210,7 +211,7 @@ class Mixtral(nnx.Module):
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, cfg.kv_head_dim, cfg.rope_theta, dtype)
         token_valid_N = attention_mask_BT.reshape(-1)
 
-        x_BTD = _constrain_activations(jnp.take(self.embed.value, input_ids_BT, axis=0).astype(dtype))
+        x_BTD = _constrain_activations(embed_lookup(self.embed.value, input_ids_BT).astype(dtype))
         layer_params = {k: v.value for k, v in self.layers.items()}
 
         def body(x, xs):
