@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+
+from zephyr_jax.config import MixtralConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and any(
@@ -129,6 +132,15 @@ def test_bench_step_compiles_for_h100_with_each_gpu_kernel(tmp_path):
         arrays = hlo_arrays((tmp_path / f"{impl}_save_matmuls.hlo.txt").read_text())
         vocab = {t: n for t, n in arrays.items() if ",32000]" in t or "[32000," in t}
         assert vocab and max(vocab.values()) < tokens * 32000 * 2, sorted(vocab)
+        # no scatter over activations (the token permutations' backward passes are gathers; a
+        # bf16 scatter-add is one scalar atomic per element) and no float scatter in bf16 (the
+        # embedding's gradient is summed in float32); the router's [tokens, experts] remains
+        hlo = (tmp_path / f"{impl}_save_matmuls.hlo.txt").read_text()
+        scatters = re.findall(r"= (\w+)\[([\d,]*)\]\S* scatter\(", hlo)
+        floats = [(t, dims) for t, dims in scatters if t in ("bf16", "f16", "f32")]
+        assert floats and all(t == "f32" for t, _ in floats), floats
+        D = MixtralConfig.preset("bench").hidden_size
+        assert not [f for f in floats if f[1] in (f"{tokens},{D}", f"{2 * tokens},{D}")], floats
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
