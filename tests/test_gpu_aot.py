@@ -141,6 +141,21 @@ def test_bench_step_compiles_for_h100_with_each_gpu_kernel(tmp_path):
         assert floats and all(t == "f32" for t, _ in floats), floats
         D = MixtralConfig.preset("bench").hidden_size
         assert not [f for f in floats if f[1] in (f"{tokens},{D}", f"{2 * tokens},{D}")], floats
+        # every matmul over the vocabulary (the LM head's forward, recompute and both backward
+        # GEMMs) multiplies bf16 operands: XLA's GEMM fusions convert nothing to float32
+        vocab_dots = _vocab_dot_operands(hlo)
+        assert len(vocab_dots) >= 4 and all(ops == ("bf16", "bf16") for ops in vocab_dots), vocab_dots
+
+
+def _vocab_dot_operands(hlo: str) -> list[tuple[str, str]]:
+    """Operand dtypes of the `dot`s in the compiled program's GEMM fusions over the vocabulary."""
+    found = []
+    for head, body in re.findall(r"\n(%gemm_fusion\S* \([^)]*\) -> \S+) \{(.*?)\n\}", hlo, re.S):
+        if "32000" not in head:
+            continue
+        types = dict(re.findall(r"%(\S+) = (\w+)\[", body))
+        found += [(types.get(a), types.get(b)) for a, b in re.findall(r" dot\(%([^,]+), %([^)]+)\)", body)]
+    return found
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:

@@ -457,6 +457,50 @@ def test_from_hidden_builds_no_chunk_sized_constants_outside_the_loop(monkeypatc
     assert _largest_outside_loops(grad_jaxpr()) >= 2 * B * C * V
 
 
+def test_lm_head_backward_matmuls_run_in_bf16():
+    """bf16 hidden states and head: the logits are float32 (accumulated in float32), and the
+    backward pass's two vocabulary matmuls take bf16 operands, the float32 cotangent rounded
+    first, as transformers' bf16 head gets a bf16 gradient. Control: plain autodiff of the float32
+    einsum multiplies the float32 cotangent (a float32 matmul on a GPU). Gradients agree with the
+    control to bf16 precision."""
+    B, T, D, V = 2, 24, 16, 96
+    ks = jax.random.split(jax.random.key(5), 3)
+    hidden = jax.random.normal(ks[0], (B, T, D)).astype(jnp.bfloat16)
+    head = (0.3 * jax.random.normal(ks[1], (D, V))).astype(jnp.bfloat16)
+    targets = jax.random.randint(ks[2], (2, B, T), -1, V)
+
+    def grads():
+        loss = lambda h, w: jnp.sum(orpo.token_logps_from_hidden(h, w, targets, chunk_size=8)[0])
+        return (jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, head),
+                jax.grad(loss, argnums=(0, 1))(hidden, head))
+
+    def vocab_dot_operands(closed):
+        """Operand dtypes of every matmul (all of them touch the vocabulary here)."""
+        found = []
+
+        def walk(jaxpr):
+            found.extend(tuple(str(v.aval.dtype) for v in eqn.invars)
+                         for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general")
+            for sub in jex.subjaxprs(jaxpr):
+                walk(sub)
+        walk(closed.jaxpr)
+        return found
+
+    jaxpr, got = grads()
+    dots = vocab_dot_operands(jaxpr)
+    assert len(dots) >= 3 and all(d == ("bfloat16", "bfloat16") for d in dots), dots
+
+    plain = lambda h, w: jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(orpo, "head_logits", plain)
+        jaxpr, want = grads()
+    assert ("float32", "bfloat16") in vocab_dot_operands(jaxpr)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.abs(g - w).max() <= 2**-7 * np.abs(w).max()
+
+
 def test_from_hidden_never_builds_full_logits():
     B, T, D, V, C = 2, 64, 8, 512, 16
     batch, hidden, head = _hidden_case(11, B=B, T=T, D=D, V=V)

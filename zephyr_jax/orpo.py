@@ -177,6 +177,34 @@ def _token_logps_bwd(res, g_KBT):
 _token_logps.defvjp(_token_logps_fwd, _token_logps_bwd)
 
 
+@jax.custom_vjp
+def head_logits(h_BCD: jax.Array, head_DV: jax.Array) -> jax.Array:
+    """float32 logits `h @ head` (accumulated in float32 whatever the inputs' dtype).
+
+    Its backward pass runs both matmuls in the inputs' dtype: the logits' float32 cotangent is
+    rounded to it first, as in transformers, whose bf16 LM head outputs bf16 logits and so gets a
+    bf16 gradient. Autodiff would multiply the float32 cotangent by the bf16 operands as float32
+    matmuls (seen in the bench step compiled for an H100: both backward LM-head GEMMs converted
+    their bf16 operands to float32), off the GPU's bf16 tensor-core rate, reading twice the bytes.
+    """
+    return jnp.einsum("bcd,dv->bcv", h_BCD, head_DV, preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(h_BCD, head_DV):
+    return head_logits(h_BCD, head_DV), (h_BCD, head_DV)
+
+
+def _head_logits_bwd(residuals, d_BCV):
+    h_BCD, head_DV = residuals
+    d_BCV = d_BCV.astype(jnp.promote_types(h_BCD.dtype, head_DV.dtype))
+    d_h = jnp.einsum("bcv,dv->bcd", d_BCV, head_DV, preferred_element_type=jnp.float32)
+    d_head = jnp.einsum("bcd,bcv->dv", h_BCD, d_BCV, preferred_element_type=jnp.float32)
+    return d_h.astype(h_BCD.dtype), d_head.astype(head_DV.dtype)
+
+
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+
+
 def token_logps_from_hidden(
     hidden_BTD: jax.Array,
     head_DV: jax.Array,
@@ -210,7 +238,7 @@ def token_logps_from_hidden(
 
     def chunk(xs):
         h_BCD, t_KBC = xs
-        logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, head_DV, preferred_element_type=jnp.float32)
+        logits_BCV = head_logits(h_BCD, head_DV)
         logit_sum_BC = jnp.sum(jax.lax.stop_gradient(logits_BCV), axis=-1)
         return token_logps(logits_BCV, t_KBC), logit_sum_BC
 
