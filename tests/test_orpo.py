@@ -16,7 +16,6 @@ from types import SimpleNamespace
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -405,32 +404,24 @@ def test_token_logps_from_hidden_matches_token_logps():
     assert _arr_rel(logps[0], textbook) <= RTOL
 
 
-def _largest_intermediate(closed_jaxpr):
-    """Largest array any equation produces, descending into scan / checkpoint / pjit bodies."""
-    def walk(jaxpr):
-        sizes = [math.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars
-                 if hasattr(v.aval, "shape")]
-        sizes += [walk(sub) for sub in jex.subjaxprs(jaxpr)]
-        return max(sizes, default=0)
-    return walk(closed_jaxpr.jaxpr)
+def _equations(jaxpr, outside_loops: bool = False):
+    """Every equation of `jaxpr` and of its sub-jaxprs (pjit, checkpoint, custom VJP bodies), and
+    of scan / while bodies unless `outside_loops` (what runs once per step, not once per chunk)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        if outside_loops and eqn.primitive.name in ("scan", "while"):
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner, outside_loops)
 
 
-def _largest_outside_loops(closed_jaxpr):
-    """Largest array an equation produces outside every scan / while body (what runs once per
-    step, not once per chunk), descending into pjit and checkpoint bodies."""
-    def walk(jaxpr):
-        sizes = [math.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars
-                 if hasattr(v.aval, "shape")]
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name in ("scan", "while"):
-                continue
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (list, tuple)) else [param]:
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        sizes.append(walk(inner))
-        return max(sizes, default=0)
-    return walk(closed_jaxpr.jaxpr)
+def _largest_intermediate(closed_jaxpr, outside_loops: bool = False):
+    """Largest array any equation produces (see `_equations`)."""
+    return max((math.prod(v.aval.shape) for eqn in _equations(closed_jaxpr.jaxpr, outside_loops)
+                for v in eqn.outvars if hasattr(v.aval, "shape")), default=0)
 
 
 def test_from_hidden_builds_no_chunk_sized_constants_outside_the_loop(monkeypatch):
@@ -444,7 +435,7 @@ def test_from_hidden_builds_no_chunk_sized_constants_outside_the_loop(monkeypatc
         loss = lambda h, w: orpo.orpo_loss_from_hidden(h, w, batch, 0.05, chunk_size=C)[0]
         return jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, head)
 
-    assert _largest_outside_loops(grad_jaxpr()) < 2 * B * C * V
+    assert _largest_intermediate(grad_jaxpr(), outside_loops=True) < 2 * B * C * V
 
     def where_normalizer(logits_BTV):
         top_BT1 = jnp.max(logits_BTV, axis=-1, keepdims=True)
@@ -454,7 +445,7 @@ def test_from_hidden_builds_no_chunk_sized_constants_outside_the_loop(monkeypatc
         return top_BT1[..., 0], jnp.log1p(rest_BT)
 
     monkeypatch.setattr(orpo, "_log_normalizer", where_normalizer)
-    assert _largest_outside_loops(grad_jaxpr()) >= 2 * B * C * V
+    assert _largest_intermediate(grad_jaxpr(), outside_loops=True) >= 2 * B * C * V
 
 
 def test_lm_head_backward_matmuls_run_in_bf16():
@@ -476,15 +467,8 @@ def test_lm_head_backward_matmuls_run_in_bf16():
 
     def vocab_dot_operands(closed):
         """Operand dtypes of every matmul (all of them touch the vocabulary here)."""
-        found = []
-
-        def walk(jaxpr):
-            found.extend(tuple(str(v.aval.dtype) for v in eqn.invars)
-                         for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general")
-            for sub in jex.subjaxprs(jaxpr):
-                walk(sub)
-        walk(closed.jaxpr)
-        return found
+        return [tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in _equations(closed.jaxpr)
+                if eqn.primitive.name == "dot_general"]
 
     jaxpr, got = grads()
     dots = vocab_dot_operands(jaxpr)
