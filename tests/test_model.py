@@ -343,7 +343,12 @@ def test_capacity_dispatch_counts_dropped_assignments():
     assert np.all(np.asarray(y[capacity:]) == 0)  # dropped tokens get no expert output
 
 
-def test_model_gradients_ragged_equal_dense():
+@pytest.mark.parametrize("gather_backward", [False, True], ids=["cpu_form", "gpu_form"])
+def test_model_gradients_ragged_equal_dense(gather_backward, monkeypatch):
+    """Whole-model gradients of the grouped dispatches equal the dense oracle's, with the token
+    permutations' backward pass in either form (`dispatch.GATHER_BACKWARD`: autodiff's on CPU,
+    the gather through the inverse permutation on GPUs)."""
+    monkeypatch.setattr(dispatch, "GATHER_BACKWARD", {"cpu": gather_backward})
     cfg = MixtralConfig.preset("tiny")
     ids = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
     mask = jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
