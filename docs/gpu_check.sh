@@ -31,6 +31,9 @@
 #              against its heuristics and the dense matmul, dx and dw timed apart
 #   remat      (if time is left) the default step under the named remat policies save_matmuls and
 #              save_attention: their cost in tokens/s and their memory (step's rows: no remat)
+#   loss_chunk (if time is left) the default step with the loss in one 2048-position chunk: its
+#              float32 logits kept for the backward pass instead of recomputed per 512-position
+#              chunk (one LM-head GEMM of four saved; XLA's H100 plan +0.3-0.9 GiB): tokens/s vs step's row
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,6 +80,7 @@ run() {
   step attention 110 --moe-impl dense --attention-impl xla,dot_product_attention
   step tokamax_tiles 100 --gemm --gemm-only dense_matmul,tokamax_mosaic,tokamax_tuned
   step remat 100 --moe-impl auto --attention-impl "$att" --remat save_matmuls,save_attention
+  step loss_chunk 100 --moe-impl auto --attention-impl "$att" --loss-chunk-size 2048
 }
 
 step() {

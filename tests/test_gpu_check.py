@@ -25,7 +25,7 @@ def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (tmp_path / "gpu_check.log").read_text()
-    for name in ("gemm", "step", "attention", "tokamax_tiles", "remat"):
+    for name in ("gemm", "step", "attention", "tokamax_tiles", "remat", "loss_chunk"):
         assert f"== {name}: exit 0" in log, log[-3000:]
     gemm = json.loads((tmp_path / "gemm.json").read_text())
     assert {r["op"] for r in gemm["gemm"]} >= {"ragged_dot", "scan_gmm_skewed"}
@@ -55,9 +55,11 @@ def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
     assert all(v["compiled_memory_bytes"] > 0 for v in remat["variants"])
     att = json.loads((tmp_path / "attention.json").read_text())
     assert [v["attention_impl"] for v in att["variants"]] == ["xla", "dot_product_attention"]
+    chunk = json.loads((tmp_path / "loss_chunk.json").read_text())
+    assert (step["loss_chunk_size"], chunk["loss_chunk_size"]) == (512, 2048)
     # the cross-check the GPU run relies on: same weights and batch, same step-0 numbers (remat
-    # changes what is stored, not what is computed)
-    everything = step["variants"] + att["variants"] + remat["variants"]
+    # and the loss's chunking change what is stored, not what is computed)
+    everything = step["variants"] + att["variants"] + remat["variants"] + chunk["variants"]
     for key in ("loss_step0", "grad_norm_step0"):
         values = [v[key] for v in everything]
         assert max(values) - min(values) <= 1e-5 * max(abs(x) for x in values), (key, values)

@@ -468,6 +468,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--remat", default=None,
                    help=f"one or a comma-separated list of {', '.join(REMAT_POLICIES)}: with the "
                         "other lists, every combination is timed (default: the config's)")
+    p.add_argument("--loss-chunk-size", type=int, default=CHUNK_SIZE,
+                   help=f"positions per LM-head chunk of the loss (default {CHUNK_SIZE}); at least the "
+                   "sequence length: one chunk, whose logits are kept for the backward pass "
+                   "instead of recomputed")
     p.add_argument("--peak-tflops", type=float, default=None, help="declare the MFU peak")
     p.add_argument("--experts-impl", default="auto", help="reference: grouped_mm | eager | auto")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -481,6 +485,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if a.loss_chunk_size < 1:
+        p.error(f"--loss-chunk-size {a.loss_chunk_size}: must be >= 1")
     a.moe_impls = a.moe_impl.split(",") if a.moe_impl else []
     a.attention_impls = a.attention_impl.split(",") if a.attention_impl else []
     a.remats = a.remat.split(",") if a.remat else []
@@ -508,7 +514,8 @@ def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
         f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-"
         f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}, {cfg.dtype}); variants "
         f"{', '.join('/'.join(c) for c in combos)} (moe/attention/remat); "
-        f"{pairs} pairs x {seq} tokens = {tokens} tokens/step")
+        f"{pairs} pairs x {seq} tokens = {tokens} tokens/step; loss chunks of "
+        f"{min(a.loss_chunk_size, seq)} positions")
     ref, ref_error = None, None
     if a.reference == "hf":
         try:
@@ -539,7 +546,7 @@ def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
               "ratio": first.get("ratio"), "device": f"{device.platform}:{device.device_kind}",
               **versions(), "config": name, "batch_pairs": pairs, "seq_len": seq,
               "tokens_per_step": tokens, **{k: v for k, v in first.items() if k != "ratio"},
-              "dtype": cfg.dtype, "remat": cfg.remat,
+              "dtype": cfg.dtype, "remat": cfg.remat, "loss_chunk_size": a.loss_chunk_size,
               "steps": a.steps, "warmup": a.warmup, "flops_per_token": fpt, "peak_flops": peak,
               "peak_source": peak_source, **ref_fields, "variants": variants}
     if ref_error is not None:
@@ -558,7 +565,8 @@ def _measure_variant(a: argparse.Namespace, device: jax.Device, cfg: MixtralConf
     tag += f", attention {out['attention_impl']}, remat {out['remat']}"
     try:
         cfg = cfg.replace(**variant)  # a combination the config rejects is this variant's error
-        compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch)
+        compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch,
+                                                              chunk_size=a.loss_chunk_size)
         check_fits(device, compiled)
         times, loss0, grad_norm0 = time_ours(compiled, state, device_batch, a.steps, a.warmup)
         mem, mem_label = memory_report(device, compiled)

@@ -148,7 +148,7 @@ def topology_mesh(target: Target):
     return Mesh(np.array(topology_devices(target, 1)), ("device",))
 
 
-def abstract_bench_step(cfg, pairs: int, seq: int, sharding=None):
+def abstract_bench_step(cfg, pairs: int, seq: int, sharding=None, chunk_size: int | None = None):
     """(jitted step, state, batch) of the bench's train step for `cfg` (`bench.build_step`'s
     program: the trainer's step and optimizer, state donated) on abstract inputs, placed by
     `sharding` if given: nothing of the model is allocated."""
@@ -160,7 +160,7 @@ def abstract_bench_step(cfg, pairs: int, seq: int, sharding=None):
     from zephyr_jax.model import Mixtral, params_dict
     from zephyr_jax.train_step import create_train_state
 
-    step, tx = bench.jitted_step(cfg)
+    step, tx = bench.jitted_step(cfg, chunk_size=chunk_size or bench.CHUNK_SIZE)
     params = jax.eval_shape(lambda: params_dict(Mixtral(cfg, rngs=nnx.Rngs(0))))
     state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
@@ -171,13 +171,14 @@ def abstract_bench_step(cfg, pairs: int, seq: int, sharding=None):
 
 
 def compile_bench_step(cfg, target: Target, pairs: int, seq: int,
-                       hlo_path: str | None = None) -> dict:
+                       hlo_path: str | None = None, chunk_size: int | None = None) -> dict:
     """XLA's memory plan (bytes) for the bench's train step of `cfg` compiled for `target`;
     the compiled program's HLO text is written to `hlo_path` if given."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     mesh = topology_mesh(target)
-    step, state, batch = abstract_bench_step(cfg, pairs, seq, NamedSharding(mesh, PartitionSpec()))
+    step, state, batch = abstract_bench_step(cfg, pairs, seq, NamedSharding(mesh, PartitionSpec()),
+                                             chunk_size)
     compiled = step.trace(state, batch).lower().compile()
     m = compiled.memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
@@ -221,6 +222,8 @@ def parse_args(argv):
     ap.add_argument("--attention-impl", default=None, help="default: cudnn (bf16 configs)")
     ap.add_argument("--batch-pairs", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--loss-chunk-size", type=int, default=None,
+                    help="positions per LM-head chunk of the loss (default: the bench's)")
     ap.add_argument("--dump-hlo", metavar="DIR", default=None,
                     help="write each variant's compiled HLO to DIR/<moe_impl>_<remat>.hlo.txt")
     ap.add_argument("--mem-fraction", type=float, default=None,
@@ -253,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     limit = int(target.memory_bytes * fraction)
     pairs = a.batch_pairs or bench.default_shape(a.config)[0]
     seq = a.seq_len or bench.default_shape(a.config)[1]
+    chunk = a.loss_chunk_size or bench.CHUNK_SIZE
+    if chunk < 1:
+        raise SystemExit(f"gpu_aot: --loss-chunk-size must be >= 1, got {chunk}")
     rows = []
     for impl in a.moe_impl.split(","):
         for remat in a.remat.split(","):
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 if a.dump_hlo:
                     os.makedirs(a.dump_hlo, exist_ok=True)
                     hlo_path = os.path.join(a.dump_hlo, f"{impl}_{remat}.hlo.txt")
-                row.update(compile_bench_step(cfg, target, pairs, seq, hlo_path))
+                row.update(compile_bench_step(cfg, target, pairs, seq, hlo_path, chunk))
                 row["fits"] = row["total_bytes"] <= limit
                 print(f"{impl:>9} {remat:>14}: {row['total_bytes'] / GiB:6.1f} GiB "
                       f"(arguments {row['argument_bytes'] / GiB:.1f}, temporaries "
@@ -277,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     print(json.dumps({"target": target.name, "memory_bytes": target.memory_bytes,
                       "mem_fraction": fraction, "limit_bytes": limit, "config": a.config,
-                      "batch_pairs": pairs, "seq_len": seq, "variants": rows,
+                      "batch_pairs": pairs, "seq_len": seq, "loss_chunk_size": chunk,
+                      "variants": rows,
                       **bench.versions()}))
     return 1 if any("error" in r for r in rows) else 0
 
