@@ -58,7 +58,9 @@ def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
     chunk = json.loads((tmp_path / "loss_chunk.json").read_text())
     assert (step["loss_chunk_size"], chunk["loss_chunk_size"]) == (512, 2048)
     # the cross-check the GPU run relies on: same weights and batch, same step-0 numbers (remat
-    # and the loss's chunking change what is stored, not what is computed)
+    # and the loss's chunking change what is stored, not what is computed; at 16 positions both
+    # loss runs are one chunk, so this checks the flag's wiring: tests/test_orpo.py checks
+    # chunked log-probs against unchunked ones)
     everything = step["variants"] + att["variants"] + remat["variants"] + chunk["variants"]
     for key in ("loss_step0", "grad_norm_step0"):
         values = [v[key] for v in everything]

@@ -160,7 +160,7 @@ def abstract_bench_step(cfg, pairs: int, seq: int, sharding=None, chunk_size: in
     from zephyr_jax.model import Mixtral, params_dict
     from zephyr_jax.train_step import create_train_state
 
-    step, tx = bench.jitted_step(cfg, chunk_size=chunk_size or bench.CHUNK_SIZE)
+    step, tx = bench.jitted_step(cfg, chunk_size=bench.CHUNK_SIZE if chunk_size is None else chunk_size)
     params = jax.eval_shape(lambda: params_dict(Mixtral(cfg, rngs=nnx.Rngs(0))))
     state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = int(target.memory_bytes * fraction)
     pairs = a.batch_pairs or bench.default_shape(a.config)[0]
     seq = a.seq_len or bench.default_shape(a.config)[1]
-    chunk = a.loss_chunk_size or bench.CHUNK_SIZE
+    chunk = bench.CHUNK_SIZE if a.loss_chunk_size is None else a.loss_chunk_size
     if chunk < 1:
         raise SystemExit(f"gpu_aot: --loss-chunk-size must be >= 1, got {chunk}")
     rows = []
