@@ -162,3 +162,16 @@ def test_hf_weights_take_param_dtype(tmp_path):
     assert {str(x.dtype) for x in jax.tree.leaves(p16)} == {"bfloat16"}
     for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16), strict=True):
         assert (a.astype("bfloat16") == b).all()  # bf16 -> f32 is exact
+
+    # The trainer's path: with shardings, blocks go straight to their devices, cast the same way
+    # (tests/test_hf_sharded_load.py covers meshes across processes).
+    from zephyr_jax import sharding as sh
+
+    cfg32, _ = load_params(tmp_path / "hf")
+    mesh = sh.make_mesh(sh.MeshConfig())
+    shardings = sh.params_dict_shardings(cfg32, mesh)
+    _, placed = load_params(tmp_path / "hf", shardings=shardings)
+    for a, b, s in zip(jax.tree.leaves(p32), jax.tree.leaves(placed), jax.tree.leaves(shardings),
+                       strict=True):
+        assert isinstance(b, jax.Array) and b.sharding == s and b.dtype == a.dtype
+        np.testing.assert_array_equal(np.asarray(b), a)

@@ -12,7 +12,7 @@ from typing import Any
 
 from zephyr_jax import model_checkpoint as mc
 from zephyr_jax.config import MixtralConfig
-from zephyr_jax.hf_io.load import load_hf_params
+from zephyr_jax.hf_io.load import load_hf_params, load_hf_sharded
 from zephyr_jax.hf_io.streaming import save_hf
 from zephyr_jax.model import Mixtral, model_from_params, params_dict
 
@@ -46,8 +46,9 @@ def resolve_path(path: str | os.PathLike) -> str:
 
 def load_params(path: str | os.PathLike, shardings=None, **runtime: Any) -> tuple[MixtralConfig, dict]:
     """(config, params) from any supported format. With `shardings` (a params-shaped tree of
-    shardings), orbax checkpoints restore each parameter straight onto its devices; HF folders
-    are read on the host, then placed."""
+    shardings), each parameter goes straight onto its devices: orbax checkpoints through orbax's
+    sharded restore, HF folders block by block (`load_hf_sharded`: a host reads and holds only
+    its devices' blocks, never the model)."""
     path = resolve_path(path)
     runtime.setdefault("param_dtype", "float32")
     if os.path.isdir(path) and not _has_hf_weights(path):
@@ -57,14 +58,13 @@ def load_params(path: str | os.PathLike, shardings=None, **runtime: Any) -> tupl
     import jax.numpy as jnp
 
     cfg = MixtralConfig.from_hf(path, **runtime)
-    cfg, params = load_hf_params(path, cfg)
     # HF files keep their stored dtype; cast to param_dtype as the orbax path does, so a run that
     # starts from HF weights and one resumed from its checkpoint compile the same step.
     pdt = jnp.dtype(cfg.param_dtype)
-    params = jax.tree.map(lambda x: x if x.dtype == pdt else x.astype(pdt), params)
     if shardings is not None:
-        params = jax.device_put(params, shardings)
-    return cfg, params
+        return load_hf_sharded(path, shardings, cfg, dtype=pdt)
+    cfg, params = load_hf_params(path, cfg)
+    return cfg, jax.tree.map(lambda x: x if x.dtype == pdt else x.astype(pdt), params)
 
 
 def _has_hf_weights(path: str) -> bool:

@@ -1,6 +1,15 @@
-"""Read a whole Hugging Face Mixtral folder (config.json + safetensors) into zephyr_jax parameters."""
+"""Read a Hugging Face Mixtral folder (config.json + safetensors) into zephyr_jax parameters.
+
+Two ways: `load_hf_params` returns the whole model as numpy (conversion, notebooks, one device);
+`load_hf_sharded` builds each parameter straight onto its devices from the blocks this process's
+devices hold, so a host never holds the model: on 4 hosts x 8 GPUs each host reads and keeps
+only its devices' shards (Mixtral-8x22B is 282 GB in bf16, 564 GB as float32 parameters).
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -9,7 +18,7 @@ from zephyr_jax.hf_io import mapping
 from zephyr_jax.hf_io.safetensors_io import CheckpointError
 from zephyr_jax.hf_io.streaming import HFSource
 
-__all__ = ["CheckpointError", "load_hf_params"]
+__all__ = ["CheckpointError", "load_hf_params", "load_hf_sharded"]
 
 
 def load_hf_params(hf_dir: str, cfg: MixtralConfig | None = None) -> tuple[MixtralConfig, dict]:
@@ -32,3 +41,61 @@ def load_hf_params(hf_dir: str, cfg: MixtralConfig | None = None) -> tuple[Mixtr
                     params["layers"][name] = np.empty((cfg.num_hidden_layers, *x.shape), x.dtype)
                 params["layers"][name][g] = x
     return cfg, params
+
+
+def load_hf_sharded(hf_dir: str | os.PathLike, shardings: Mapping, cfg: MixtralConfig | None = None,
+                    dtype=None) -> tuple[MixtralConfig, dict]:
+    """(config, params as global `jax.Array`s placed on `shardings`), one block at a time.
+
+    `shardings`: a params-shaped tree of `jax.sharding.Sharding`s (as `load_params` gets from the
+    trainer). For each parameter, each distinct block that this process's devices hold is read
+    (only the layers, and in the per-expert layout only the experts, it spans), cast to `dtype`
+    (default: the stored dtype), put on its devices and dropped: host memory peaks at one block
+    plus one layer's slice of one parameter. Works unchanged across processes (`jax.distributed`):
+    every process reads its own blocks and assembles its part of each global array.
+    """
+    import jax
+
+    from zephyr_jax.model_checkpoint import flatten, param_shapes, unflatten
+
+    with HFSource(hf_dir, cfg) as src:
+        cfg = src.cfg
+        shapes = param_shapes(cfg)
+        flat_shardings = flatten(dict(shardings))
+        if sorted(flat_shardings) != sorted(shapes):
+            raise ValueError(f"{src.folder}: shardings name parameters {sorted(flat_shardings)}, "
+                             f"config.json implies {sorted(shapes)}")
+        stored = src.leaf_dtypes()
+        out = {}
+        for key, shape in shapes.items():
+            sharding = flat_shardings[key]
+            leaf_dtype = np.dtype(dtype or stored[key])
+            by_block: dict[tuple, list] = {}  # replicated devices share one read
+            for device, index in sharding.addressable_devices_indices_map(shape).items():
+                bounds = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape, strict=True))
+                by_block.setdefault(bounds, []).append(device)
+            arrays = []
+            for bounds, devices in by_block.items():
+                block = _read_block(src, key, bounds, leaf_dtype)
+                arrays += [jax.device_put(block, d) for d in devices]
+                del block
+            out[key] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+    return cfg, unflatten(out)
+
+
+def _read_block(src: HFSource, key: str, bounds: tuple[tuple[int, int], ...],
+                dtype: np.dtype) -> np.ndarray:
+    """`leaf[bounds]` (bounds: (start, stop) per axis) in our layout, read layer by layer."""
+    rest = tuple(slice(a, b) for a, b in bounds)
+    if not key.startswith("layers/"):
+        return np.ascontiguousarray(src.produce(None, [key])[key][rest], dtype)
+    (l0, l1), *inner = bounds
+    experts = None
+    if key in mapping.EXPERT_LEAVES:  # read only the block's experts; index the rest from 0
+        experts = range(*inner[0])
+        inner[0] = (0, len(experts))
+    inner_index = tuple(slice(a, b) for a, b in inner)
+    block = np.empty(tuple(b - a for a, b in bounds), dtype)
+    for i, layer in enumerate(range(l0, l1)):
+        block[i] = src.produce(layer, [key], experts=experts)[key][inner_index]
+    return block

@@ -144,6 +144,9 @@ LAYOUTS: dict[str, tuple[Rule, ...]] = {
 }
 DEFAULT_LAYOUT = "per_expert"
 
+# Our leaves stacked over experts (axis 1 of the leaf, axis 0 of one layer's slice).
+EXPERT_LEAVES = ("layers/w1", "layers/w3", "layers/w2")
+
 # Buffers some exporters leave in checkpoints; they carry no weights and are skipped on read.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -202,27 +205,42 @@ def detect_layout(names: Iterable[str]) -> str:
 
 def group_to_ours(cfg: MixtralConfig, layout: str, layer: int | None,
                   read: Callable[[str], np.ndarray],
-                  leaves: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+                  leaves: Iterable[str] | None = None,
+                  experts: range | None = None) -> dict[str, np.ndarray]:
     """Our slices for one group: `leaf[layer]` per layer leaf, whole leaves for `layer` None.
 
     `read(hf_name)` returns the HF tensor (already checked against `rule.hf_shape`); only the
-    tensors holding `leaves` (default: all of the group's) are read.
+    tensors holding `leaves` (default: all of the group's) are read. `experts` (a contiguous range)
+    keeps only those experts of the expert-stacked leaves (`EXPERT_LEAVES`, axis 0 of a layer
+    slice); in the per-expert layout the other experts' tensors are not read at all.
     """
     leaves = None if leaves is None else set(leaves)
+    if experts is not None and (experts.step != 1 or not 0 <= experts.start < experts.stop
+                                <= cfg.num_local_experts):
+        raise ValueError(f"experts must be a contiguous range within 0..{cfg.num_local_experts}, "
+                         f"got {experts}")
     out: dict[str, np.ndarray] = {}
     for rule in _group_rules(cfg, layout, layer):
         wanted = [(i, leaf) for i, leaf in enumerate(rule.ours) if leaves is None or leaf in leaves]
         if not wanted:
             continue
         for name, e in _names(rule, cfg, layer):
+            if e is not None and experts is not None and e not in experts:
+                continue
             part = rule.to_ours(read(name), cfg)
             for i, leaf in wanted:
+                x = part[i]
                 if e is None:
-                    out[leaf] = part[i]
-                else:  # fill the [E, ...] slice in place: no second copy of the layer
-                    if e == 0:
-                        out[leaf] = np.empty((cfg.num_local_experts, *part[i].shape), part[i].dtype)
-                    out[leaf][e] = part[i]
+                    if experts is not None and leaf in EXPERT_LEAVES:  # fused: all experts in one
+                        x = np.ascontiguousarray(x[experts.start:experts.stop])
+                    out[leaf] = x
+                    continue
+                # fill the [E, ...] slice in place: no second copy of the layer
+                j = e - (0 if experts is None else experts.start)
+                if j == 0:
+                    n = cfg.num_local_experts if experts is None else len(experts)
+                    out[leaf] = np.empty((n, *x.shape), x.dtype)
+                out[leaf][j] = x
     return out
 
 

@@ -116,8 +116,9 @@ class HFSource:
             self.progress.done(name, self.tensors[name].nbytes)
         return x
 
-    def produce(self, layer: int | None, leaves=None, dtype=None) -> dict[str, np.ndarray]:
-        out = mapping.group_to_ours(self.cfg, self.layout, layer, self.read, leaves)
+    def produce(self, layer: int | None, leaves=None, dtype=None,
+                experts: range | None = None) -> dict[str, np.ndarray]:
+        out = mapping.group_to_ours(self.cfg, self.layout, layer, self.read, leaves, experts)
         if dtype is not None:
             out = {k: v.astype(dtype, copy=False) for k, v in out.items()}
         return out
