@@ -102,6 +102,27 @@ def test_cli_prompt_prints_answer(folder, loaded):
     assert out.stdout.strip() == want
 
 
+def test_cli_spreads_the_model_over_all_devices(folder, loaded):
+    """4 CPU devices, --mesh left at auto: the 4 experts go one per device, the answer is the
+    one-device answer; a mesh that does not fit is one clear error line."""
+    model, tok = loaded
+    want = generate(model, tok, CONV, N_NEW, temperature=0.0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")
+    cmd = [sys.executable, "-m", "zephyr_jax.chat", "--model", folder, "--system", "you are zephyr",
+           "--prompt", "hi", "--max-new-tokens", str(N_NEW), "--temperature", "0"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == want
+    assert "float32 on mesh {'data': 1, 'fsdp': 1, 'expert': 4, 'tensor': 1}" in out.stderr
+    assert "Warning" not in out.stderr, out.stderr
+
+    bad = subprocess.run([*cmd, "--mesh", "expert=8"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: mesh:"), bad.stderr
+    assert "4 devices cannot be split" in bad.stderr and "expert=8" in bad.stderr
+
+
 def test_cli_interactive_keeps_history_and_exits(folder, loaded, monkeypatch, capsys):
     model, tok = loaded
     sampling = dict(max_new_tokens=N_NEW, temperature=0.0)

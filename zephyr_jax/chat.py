@@ -7,17 +7,23 @@ With `--prompt` the answer is printed and the program exits. Without it, an inte
 chat reads one user message per line from stdin, streams the answer as it is generated, keeps the
 conversation history, and ends on EOF (Ctrl-D) or `/exit`. Sampling defaults are the Zephyr model
 card's (temperature 0.7, top_k 50, top_p 0.95, 512 new tokens); `--temperature 0` is greedy.
+Weights load in their stored dtype, spread over every visible device (`--mesh`): Zephyr-141B in
+bfloat16 (282 GB) needs a node of 8 H100s, where each GPU holds one expert of every layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, TextIO
 
+import jax
+
 from zephyr_jax.generation import generate, stream_generate
-from zephyr_jax.pretrained import from_pretrained
+from zephyr_jax.pretrained import as_mesh, config_of, from_pretrained
+from zephyr_jax.sharding import MeshConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -67,6 +73,22 @@ def interactive(model, tokenizer, history: list[dict[str, str]], sampling: dict[
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 
+def chat_mesh(spec: str, model_path: str):
+    """The mesh for `--mesh`: None (one device) for 'none' or a single device; for 'auto', all
+    devices with `expert` the largest divisor of both the device count and the expert count
+    (8 GPUs, 8 experts: expert=8) and the rest FSDP over `data`."""
+    if spec == "none":
+        return None
+    n = jax.device_count()
+    if spec != "auto":
+        return as_mesh(spec)
+    if n == 1:
+        return None
+    experts = config_of(model_path).num_local_experts
+    expert = math.gcd(n, experts)
+    return as_mesh(MeshConfig(data=n // expert, expert=expert))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zephyr_jax.chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,12 +102,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50, help="0 disables")
     parser.add_argument("--top-p", type=float, default=0.95, help="1.0 disables")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="compute dtype (default: the model's)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                        default="auto", help="parameter and compute dtype (default auto: as "
+                        "stored in the checkpoint, like transformers' dtype='auto')")
+    parser.add_argument("--mesh", default="auto",
+                        help="devices to spread the model over, e.g. 'expert=8' or "
+                        "'data=2,expert=4' (experts split over `expert`, the rest FSDP); "
+                        "'none' = one device; default auto: every device, experts split as "
+                        "evenly as they divide")
     args = parser.parse_args(argv)
 
-    runtime = {"dtype": args.dtype} if args.dtype else {}
-    model = from_pretrained(args.model, **runtime)
+    try:
+        mesh = chat_mesh(args.mesh, args.model)
+        dtype = config_of(args.model, param_dtype=args.dtype).param_dtype  # auto: as stored
+        model = from_pretrained(args.model, mesh=mesh, param_dtype=dtype, dtype=dtype)
+    except (ValueError, OSError) as e:  # bad --mesh / --dtype, unreadable model: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    where = f"mesh {dict(mesh.shape)}" if mesh is not None else str(jax.devices()[0])
+    print(f"[chat] {args.model}: {model.config.param_dtype} on {where}", file=sys.stderr)
     tokenizer = load_chat_tokenizer(args.model)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}

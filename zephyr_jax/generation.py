@@ -21,7 +21,9 @@ The causal mask still runs by cache slot (HF's `q_offset` is the cache length), 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zephyr_jax import sharding as zs
 from zephyr_jax.model import KVCache, Mixtral, init_kv_cache
 
 # Prompt lengths are padded up to a multiple of this so that a chat whose prompt grows turn by turn
@@ -169,6 +172,31 @@ def _decode_loop(graphdef, state, ds: _DecodeState, max_new_tokens: int, samplin
     return out_BN, ds
 
 
+@contextlib.contextmanager
+def _on_model_mesh(state) -> Iterator[None]:
+    """Trace and run on the mesh the parameters live on.
+
+    A model loaded with `from_pretrained(..., mesh=...)` (or placed by hand) carries its mesh in
+    its parameters' shardings; entering it makes the MoE run expert-parallel there, as in training.
+    An ambient mesh set by the caller wins. Small batches split over nothing (one chat is one
+    row): that is expected here, so the batch-fallback warning is not shown.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zs.ShardingFallbackWarning)
+        mesh = None
+        if zs.ambient_mesh() is None:
+            for leaf in jax.tree.leaves(state):
+                sharding = getattr(leaf, "sharding", None)
+                if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+                    mesh = sharding.mesh
+                    break
+        if mesh is None:
+            yield
+            return
+        with zs.use_mesh(mesh, zs.active_rules()):
+            yield
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, vocab_size: int,
               bucket: int) -> tuple[np.ndarray, np.ndarray]:
     if not prompts:
@@ -202,7 +230,8 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_
     pad = np.int32(pad_token_id)
     # The last emitted token is never fed back, hence the - 1.
     cache_len = ids_BP.shape[1] + max_new_tokens - 1
-    ds = _prefill(graphdef, state, ids_BP, mask_BP, np.uint32(seed), cache_len, sampling, eos)
+    with _on_model_mesh(state):
+        ds = _prefill(graphdef, state, ids_BP, mask_BP, np.uint32(seed), cache_len, sampling, eos)
     return graphdef, state, ds, sampling, eos, pad
 
 
@@ -231,7 +260,8 @@ def generate_ids(
     graphdef, state, ds, sampling, eos, pad = _start(
         model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
         pad_token_id, bucket)
-    out_BN, ds = _decode_loop(graphdef, state, ds, max_new_tokens, sampling, eos, pad)
+    with _on_model_mesh(state):
+        out_BN, ds = _decode_loop(graphdef, state, ds, max_new_tokens, sampling, eos, pad)
     return np.asarray(out_BN)[:, : int(ds.step)].tolist()
 
 
@@ -261,7 +291,8 @@ def stream_ids(
     for _ in range(1, max_new_tokens):
         if finished_B.all():
             return
-        ds = _decode_step(graphdef, state, ds, sampling, eos, pad)
+        with _on_model_mesh(state):
+            ds = _decode_step(graphdef, state, ds, sampling, eos, pad)
         token_B, finished_B = jax.device_get((ds.token_B, ds.finished_B))
         yield token_B.tolist()
 

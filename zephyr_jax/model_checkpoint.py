@@ -226,6 +226,17 @@ def _config(loc: Location, dtypes: dict[str, np.dtype], dtype, **runtime) -> Mix
     return MixtralConfig.from_hf(loc.config_path, **runtime)
 
 
+def stored_dtypes(path: str | os.PathLike) -> dict[str, str]:
+    """Flat name -> stored dtype name of a model checkpoint's or trainer output_dir's params."""
+    return {k: np.dtype(m.dtype).name for k, m in _stored(locate(path)).items()}
+
+
+def load_model_config(path: str | os.PathLike, dtype=None, **runtime) -> MixtralConfig:
+    """The config `load_model_checkpoint(path, dtype=dtype, **runtime)` returns, reading no weight."""
+    loc = locate(path)
+    return _config(loc, {k: np.dtype(m.dtype) for k, m in _stored(loc).items()}, dtype, **runtime)
+
+
 # ------------------------------------------------------------------------- whole-model API
 
 

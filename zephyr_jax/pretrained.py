@@ -10,22 +10,62 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from zephyr_jax import model_checkpoint as mc
 from zephyr_jax.config import MixtralConfig
 from zephyr_jax.hf_io.load import load_hf_params, load_hf_sharded
-from zephyr_jax.hf_io.streaming import save_hf
+from zephyr_jax.hf_io.streaming import HFSource, save_hf
 from zephyr_jax.model import Mixtral, model_from_params, params_dict
 
 FORMATS = ("hf", "orbax")
 
 
-def from_pretrained(path: str | os.PathLike, **runtime: Any) -> Mixtral:
+def from_pretrained(path: str | os.PathLike, mesh=None, **runtime: Any) -> Mixtral:
     """Load a Mixtral from a HF folder or Hub id, a model checkpoint or a trainer output_dir.
 
     `runtime` sets our runtime fields, e.g. `dtype="bfloat16", moe_impl="dense"`. Parameters take
-    `param_dtype` (float32 unless given; orbax checkpoints are cast while restoring).
+    `param_dtype`: float32 unless given; "auto" keeps the dtype stored in the checkpoint (as
+    transformers' `dtype="auto"`); orbax checkpoints are cast while restoring.
+
+    `mesh` (a `jax.sharding.Mesh`, a `sharding.MeshConfig`, or a `--mesh` string such as
+    "expert=8" or "data=2,expert=4") places every parameter straight onto its devices by the
+    default sharding rules (experts split over `expert`, the rest FSDP), for models too large for
+    one device; `generate` then runs expert-parallel on that mesh by itself.
     """
-    return model_from_params(*load_params(path, **runtime))
+    shardings = None
+    if mesh is not None:
+        from zephyr_jax import sharding as zs
+
+        mesh = as_mesh(mesh)
+        cfg = config_of(path, **runtime)
+        shardings = zs.params_dict_shardings(cfg, mesh)
+    return model_from_params(*load_params(path, shardings=shardings, **runtime))
+
+
+def as_mesh(mesh):
+    """A `jax.sharding.Mesh` from a Mesh, a `MeshConfig`, or a `--mesh` string."""
+    import jax
+
+    from zephyr_jax import sharding as zs
+
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    if isinstance(mesh, str):
+        mesh = zs.parse_mesh(mesh)
+    if isinstance(mesh, zs.MeshConfig):
+        return zs.make_mesh(mesh)
+    raise TypeError(f"mesh must be a jax.sharding.Mesh, a MeshConfig or a string like 'expert=8', "
+                    f"got {type(mesh).__name__}")
+
+
+def config_of(path: str | os.PathLike, **runtime: Any) -> MixtralConfig:
+    """The config `load_params(path, **runtime)` will return, without reading any weight."""
+    path = resolve_path(path)
+    runtime = _resolve_param_dtype(path, runtime)
+    if os.path.isdir(path) and not _has_hf_weights(path):
+        return mc.load_model_config(path, dtype=runtime["param_dtype"], **runtime)
+    return MixtralConfig.from_hf(path, **runtime)
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -48,9 +88,9 @@ def load_params(path: str | os.PathLike, shardings=None, **runtime: Any) -> tupl
     """(config, params) from any supported format. With `shardings` (a params-shaped tree of
     shardings), each parameter goes straight onto its devices: orbax checkpoints through orbax's
     sharded restore, HF folders block by block (`load_hf_sharded`: a host reads and holds only
-    its devices' blocks, never the model)."""
+    its devices' blocks, never the model). `param_dtype="auto"` keeps the stored dtype."""
     path = resolve_path(path)
-    runtime.setdefault("param_dtype", "float32")
+    runtime = _resolve_param_dtype(path, runtime)
     if os.path.isdir(path) and not _has_hf_weights(path):
         return mc.load_model_checkpoint(path, shardings=shardings, dtype=runtime["param_dtype"],
                                         **runtime)
@@ -65,6 +105,28 @@ def load_params(path: str | os.PathLike, shardings=None, **runtime: Any) -> tupl
         return load_hf_sharded(path, shardings, cfg, dtype=pdt)
     cfg, params = load_hf_params(path, cfg)
     return cfg, jax.tree.map(lambda x: x if x.dtype == pdt else x.astype(pdt), params)
+
+
+def _resolve_param_dtype(path: str, runtime: dict) -> dict:
+    """param_dtype: float32 when not given; "auto" -> the checkpoint's stored dtype (all of
+    Mixtral's weights share one; a mix is refused, naming two of them)."""
+    runtime = dict(runtime)
+    runtime.setdefault("param_dtype", "float32")
+    if runtime["param_dtype"] != "auto":
+        return runtime
+    if os.path.isdir(path) and not _has_hf_weights(path):
+        stored = mc.stored_dtypes(path)
+    else:
+        with HFSource(path, MixtralConfig.from_hf(path)) as src:
+            stored = {k: np.dtype(v).name for k, v in src.leaf_dtypes().items()}
+    kinds = sorted(set(stored.values()))
+    if len(kinds) != 1:
+        first = {d: next(k for k, v in stored.items() if v == d) for d in kinds}
+        raise ValueError(f"{path}: param_dtype='auto' needs one stored dtype, found "
+                         + ", ".join(f"{d} ({first[d]})" for d in kinds)
+                         + "; pass param_dtype explicitly")
+    runtime["param_dtype"] = kinds[0]
+    return runtime
 
 
 def _has_hf_weights(path: str) -> bool:

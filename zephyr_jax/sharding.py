@@ -446,7 +446,7 @@ def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[Mesh]:
         yield mesh
 
 
-def _auto_mesh():
+def ambient_mesh():
     """The ambient mesh if one is set and none of its axes is manual (inside shard_map), else None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
@@ -463,7 +463,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules | N
     (("activation_batch", "activation_length", "activation_embed")): without it GSPMD may
     prefer the weights' FSDP split of `embed` and replicate the batch.
     """
-    mesh = _auto_mesh()
+    mesh = ambient_mesh()
     if mesh is None:
         return x
     spec = logical_to_spec(logical_axes, active_rules() if rules is None else rules, x.shape,
@@ -493,7 +493,7 @@ class ExpertParallelPlan:
 def expert_parallel_plan() -> ExpertParallelPlan | None:
     """The plan for the ambient mesh (`jax.set_mesh` / `use_mesh`), or None: no mesh, or the
     experts are not split (then the MoE runs as plain jnp code and GSPMD shards it)."""
-    mesh = _auto_mesh()  # inside a shard_map the caller has already placed the data
+    mesh = ambient_mesh()  # inside a shard_map the caller has already placed the data
     if mesh is None:
         return None
     rules = active_rules()

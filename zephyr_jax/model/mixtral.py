@@ -77,11 +77,22 @@ class KVCache(NamedTuple):
     index: jax.Array  # scalar int32: where the next tokens are written
 
 
+# The cache is laid out like the activations that fill it: rows over the batch axes (a batch
+# smaller than those stays whole), kv heads over `tensor`. Without a mesh these are no-ops.
+KV_AXES = ("layers", "activation_batch", "activation_length", "kv_heads", "head_dim")
+
+
+def _constrain_cache(k_LBSKH, v_LBSKH, valid_BS):
+    return (constrain(k_LBSKH, KV_AXES), constrain(v_LBSKH, KV_AXES),
+            constrain(valid_BS, KV_AXES[1:3]))
+
+
 def init_kv_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.kv_head_dim)
     dtype = dtype or jnp.dtype(cfg.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+    return KVCache(*_constrain_cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                                     jnp.zeros((batch, max_len), bool)),
+                   jnp.zeros((), jnp.int32))
 
 
 def route(x_ND: jax.Array, router_DE: jax.Array, top_k: int):
@@ -232,7 +243,8 @@ class Mixtral(nnx.Module):
         h_BTD = rms_norm(x_BTD, self.final_norm.value, cfg.rms_norm_eps)
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(new_kv[0], new_kv[1], key_valid_BS, cache.index + T)
+            new_cache = KVCache(*_constrain_cache(new_kv[0], new_kv[1], key_valid_BS),
+                                cache.index + T)
         return h_BTD, self._router_stats(stats, token_valid_N), new_cache
 
     def _router_stats(self, stats, token_valid_N) -> RouterStats:
