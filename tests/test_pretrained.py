@@ -163,11 +163,33 @@ def test_hf_weights_take_param_dtype(tmp_path):
     for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16), strict=True):
         assert (a.astype("bfloat16") == b).all()  # bf16 -> f32 is exact
 
+    # "auto": the stored dtype (bf16 here), as transformers' dtype="auto"
+    cfg_auto, p_auto = load_params(tmp_path / "hf", param_dtype="auto")
+    assert cfg_auto.param_dtype == "bfloat16"
+    assert {str(x.dtype) for x in jax.tree.leaves(p_auto)} == {"bfloat16"}
+    mc.save_model_checkpoint(tmp_path / "ckpt32", cfg32 := load_params(tmp_path / "hf")[0], p32)
+    assert load_params(tmp_path / "ckpt32", param_dtype="auto")[0].param_dtype == "float32"
+    # stored dtypes that differ (float32 norms): config.json's dtype decides; without one, an
+    # error naming a tensor of each dtype
+    from test_convert_helpers import rewrite_shard, shard_files
+
+    def norms_to_f32(tensors):
+        tensors.update({k: v.astype(np.float32) for k, v in tensors.items() if "norm" in k})
+
+    for f in shard_files(tmp_path / "hf"):
+        rewrite_shard(tmp_path / "hf", f, norms_to_f32)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert load_params(tmp_path / "hf", param_dtype="auto")[0].param_dtype == "bfloat16"
+    del config["dtype"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"bfloat16 \(embed\), float32 \(final_norm\)"):
+        load_params(tmp_path / "hf", param_dtype="auto")
+
     # The trainer's path: with shardings, blocks go straight to their devices, cast the same way
     # (tests/test_hf_sharded_load.py covers meshes across processes).
     from zephyr_jax import sharding as sh
 
-    cfg32, _ = load_params(tmp_path / "hf")
     mesh = sh.make_mesh(sh.MeshConfig())
     shardings = sh.params_dict_shardings(cfg32, mesh)
     _, placed = load_params(tmp_path / "hf", shardings=shardings)

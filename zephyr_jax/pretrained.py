@@ -7,13 +7,14 @@ output_dir (its latest step's params).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import numpy as np
 
 from zephyr_jax import model_checkpoint as mc
-from zephyr_jax.config import MixtralConfig
+from zephyr_jax.config import DTYPES, MixtralConfig
 from zephyr_jax.hf_io.load import load_hf_params, load_hf_sharded
 from zephyr_jax.hf_io.streaming import HFSource, save_hf
 from zephyr_jax.model import Mixtral, model_from_params, params_dict
@@ -120,12 +121,20 @@ def _resolve_param_dtype(path: str, runtime: dict) -> dict:
         with HFSource(path, MixtralConfig.from_hf(path)) as src:
             stored = {k: np.dtype(v).name for k, v in src.leaf_dtypes().items()}
     kinds = sorted(set(stored.values()))
-    if len(kinds) != 1:
+    if len(kinds) == 1:
+        runtime["param_dtype"] = kinds[0]
+        return runtime
+    # Mixed (e.g. float32 norms): config.json's dtype decides, as in transformers' "auto".
+    with open(os.path.join(path, "config.json")) as fh:
+        hf = json.load(fh)
+    declared = hf.get("dtype") or hf.get("torch_dtype")
+    if declared not in DTYPES:
         first = {d: next(k for k, v in stored.items() if v == d) for d in kinds}
-        raise ValueError(f"{path}: param_dtype='auto' needs one stored dtype, found "
+        raise ValueError(f"{path}: param_dtype='auto' found stored dtypes "
                          + ", ".join(f"{d} ({first[d]})" for d in kinds)
-                         + "; pass param_dtype explicitly")
-    runtime["param_dtype"] = kinds[0]
+                         + f" and config.json names none of {DTYPES} as its dtype; pass "
+                         "param_dtype explicitly")
+    runtime["param_dtype"] = declared
     return runtime
 
 
