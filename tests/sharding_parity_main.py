@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -92,7 +93,9 @@ def main(argv=None) -> int:
             (loss, dropped), grads = jstep(model, *batch)
             jax.block_until_ready(grads)
             t_sharded = time.perf_counter() - t0
-            lowered_text = jstep.lower(model, *batch).as_text()
+            lowered = jstep.lower(model, *batch)
+            lowered_text = lowered.as_text()
+            compiled_text = lowered.compile().as_text()
 
         grad_err = {}
         for (path, g), (_, r) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(grads)),
@@ -120,6 +123,9 @@ def main(argv=None) -> int:
             "shard_map_in_lowered": "shard_map" in lowered_text or "sdy.manual_computation"
                                     in lowered_text,
             "experts": experts,
+            # result shapes of the compiled step's all-gathers (e.g. "f32[64,8]")
+            "all_gathers": sorted(set(re.findall(
+                r"= (\w+\[[\d,]*\])\S* all-gather(?:-start)?\(", compiled_text))),
             "seconds": {"reference": round(t_ref, 2), "sharded_compile_and_run": round(t_sharded, 2)},
         }
     result["dispatch"] = _dispatch_checks(mesh, args.impls.split(","))

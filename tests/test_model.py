@@ -334,6 +334,23 @@ def _capacity_rows(idx, w1_EDF) -> tuple[int, int]:
     return (E * math.ceil(1.25 * idx.size / E) + 1, D)
 
 
+def test_top_k_rows_is_lax_top_k():
+    """Values, indices (ties: lower index first) and gradient equal `jax.lax.top_k`'s."""
+    from zephyr_jax.model.mixtral import top_k_rows
+
+    x = jax.random.normal(jax.random.key(0), (64, 8))
+    x = x.at[:8, 2].set(x[:8, 5]).at[8:16, :].set(0.5)  # ties inside a row, a whole tied row
+    for k in (1, 2, 3, 8):
+        got, want = top_k_rows(x, k), jax.lax.top_k(x, k)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert got[1].dtype == want[1].dtype
+        w = jax.random.normal(jax.random.key(k), (64, k))
+        g_got = jax.grad(lambda x, k=k, w=w: jnp.sum(top_k_rows(x, k)[0] * w))(x)
+        g_want = jax.grad(lambda x, k=k, w=w: jnp.sum(jax.lax.top_k(x, k)[0] * w))(x)
+        np.testing.assert_array_equal(g_got, g_want)
+
+
 def test_capacity_dispatch_counts_dropped_assignments():
     x, _, w, w1, w3, w2 = _routing_case(N=16, K=2)
     idx = jnp.zeros((16, 2), jnp.int32).at[:, 1].set(1)  # everything to experts 0 and 1

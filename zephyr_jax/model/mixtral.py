@@ -95,11 +95,28 @@ def init_kv_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype=None) -> K
                    jnp.zeros((), jnp.int32))
 
 
+def top_k_rows(x_NE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k(x_NE, k)` as k rounds of argmax: the same values, indices and gradient
+    (ties: the lower index first, as top_k), but made of reductions that XLA splits over the
+    token rows. XLA partitions no TopK over its batch dim: under a mesh it all-gathered every
+    layer's router probabilities, [tokens of all devices, E], and ran top-k on all of them on
+    every device."""
+    iota_E = jnp.arange(x_NE.shape[-1])
+    remaining_NE = x_NE
+    weights, experts = [], []
+    for _ in range(k):
+        e_N = jnp.argmax(remaining_NE, axis=-1)
+        weights.append(jnp.take_along_axis(x_NE, e_N[:, None], axis=-1)[:, 0])
+        experts.append(e_N.astype(jnp.int32))
+        remaining_NE = jnp.where(iota_E == e_N[:, None], -jnp.inf, remaining_NE)
+    return jnp.stack(weights, axis=-1), jnp.stack(experts, axis=-1)
+
+
 def route(x_ND: jax.Array, router_DE: jax.Array, top_k: int):
     """Softmax over all experts in float32, top-k, renormalize the k weights (HF MixtralTopKRouter)."""
     logits_NE = checkpoint_name(x_ND @ router_DE, names.ROUTER)
     probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-    weight_NK, expert_NK = jax.lax.top_k(probs_NE, top_k)
+    weight_NK, expert_NK = top_k_rows(probs_NE, top_k)
     weight_NK = weight_NK / jnp.sum(weight_NK, axis=-1, keepdims=True)
     return probs_NE, weight_NK, expert_NK
 
