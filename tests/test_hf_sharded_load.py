@@ -69,6 +69,9 @@ def test_each_process_reads_and_holds_only_its_experts(hf_dir):
                 for layer in range(n_layers) for e in mine for w in ("w1", "w2", "w3")}
         assert expert_read == want, (r["process"], sorted(expert_read ^ want)[:6])
         assert r["shards_checked"] == 2 * 13, r
+        # every HF tensor read at most once per process, though its 2 devices hold different
+        # columns of the attention weights and embeddings
+        assert r["reads"] == len(r["read"]), (r["reads"], len(r["read"]))
         # Its half of the experts (CPU devices may alias the host buffers), one block in flight
         # and the small leaves: measured 0.37 and 0.29 of the model. The whole-model load holds
         # the model plus a layer (measured 1.42).

@@ -45,14 +45,17 @@ def load_hf_params(hf_dir: str, cfg: MixtralConfig | None = None) -> tuple[Mixtr
 
 def load_hf_sharded(hf_dir: str | os.PathLike, shardings: Mapping, cfg: MixtralConfig | None = None,
                     dtype=None) -> tuple[MixtralConfig, dict]:
-    """(config, params as global `jax.Array`s placed on `shardings`), one block at a time.
+    """(config, params as global `jax.Array`s placed on `shardings`), a few blocks at a time.
 
     `shardings`: a params-shaped tree of `jax.sharding.Sharding`s (as `load_params` gets from the
-    trainer). For each parameter, each distinct block that this process's devices hold is read
-    (only the layers, and in the per-expert layout only the experts, it spans), cast to `dtype`
-    (default: the stored dtype), put on its devices and dropped: host memory peaks at one block
-    plus one layer's slice of one parameter. Works unchanged across processes (`jax.distributed`):
-    every process reads its own blocks and assembles its part of each global array.
+    trainer). For each parameter, the distinct blocks this process's devices hold are read (only
+    the layers, and in the per-expert layout only the experts, they span), cast to `dtype`
+    (default: the stored dtype), put on their devices and dropped. Blocks cut from the same HF
+    tensors (the same layers and experts, other columns) are filled from one read of each
+    tensor, so host memory peaks at one such group plus one layer's slice of one parameter: on
+    4 x 8 GPUs, one expert's block of an expert weight, or a host's quarter of an attention
+    weight. Works unchanged across processes (`jax.distributed`): every process reads its own
+    blocks and assembles its part of each global array.
     """
     import jax
 
@@ -70,32 +73,52 @@ def load_hf_sharded(hf_dir: str | os.PathLike, shardings: Mapping, cfg: MixtralC
         for key, shape in shapes.items():
             sharding = flat_shardings[key]
             leaf_dtype = np.dtype(dtype or stored[key])
-            by_block: dict[tuple, list] = {}  # replicated devices share one read
+            by_block: dict[tuple, list] = {}  # replicated devices share one block
             for device, index in sharding.addressable_devices_indices_map(shape).items():
                 bounds = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape, strict=True))
                 by_block.setdefault(bounds, []).append(device)
+            by_source: dict[tuple, list] = {}  # blocks read from the same HF tensors
+            for bounds in by_block:
+                by_source.setdefault(_source(key, bounds), []).append(bounds)
             arrays = []
-            for bounds, devices in by_block.items():
-                block = _read_block(src, key, bounds, leaf_dtype)
-                arrays += [jax.device_put(block, d) for d in devices]
+            for group in by_source.values():
+                for bounds, block in zip(group, _read_blocks(src, key, group, leaf_dtype),
+                                         strict=True):
+                    arrays += [jax.device_put(block, d) for d in by_block[bounds]]
                 del block
             out[key] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
     return cfg, unflatten(out)
 
 
-def _read_block(src: HFSource, key: str, bounds: tuple[tuple[int, int], ...],
-                dtype: np.dtype) -> np.ndarray:
-    """`leaf[bounds]` (bounds: (start, stop) per axis) in our layout, read layer by layer."""
-    rest = tuple(slice(a, b) for a, b in bounds)
+def _source(key: str, bounds: tuple[tuple[int, int], ...]) -> tuple:
+    """What a block reads: its layers, and its experts for an expert weight (global leaves: the
+    whole tensor)."""
     if not key.startswith("layers/"):
-        return np.ascontiguousarray(src.produce(None, [key])[key][rest], dtype)
-    (l0, l1), *inner = bounds
+        return ()
+    return (bounds[0], bounds[1]) if key in mapping.EXPERT_LEAVES else (bounds[0],)
+
+
+def _read_blocks(src: HFSource, key: str, group: list[tuple[tuple[int, int], ...]],
+                 dtype: np.dtype) -> list[np.ndarray]:
+    """`leaf[bounds]` for every bounds of `group` (all with the same `_source`), in our layout:
+    each layer's HF tensors are read once and cut into every block."""
+    if not key.startswith("layers/"):
+        whole = src.produce(None, [key])[key]
+        return [np.ascontiguousarray(whole[tuple(slice(a, b) for a, b in bounds)], dtype)
+                for bounds in group]
+    (l0, l1), *_ = group[0]
     experts = None
-    if key in mapping.EXPERT_LEAVES:  # read only the block's experts; index the rest from 0
-        experts = range(*inner[0])
-        inner[0] = (0, len(experts))
-    inner_index = tuple(slice(a, b) for a, b in inner)
-    block = np.empty(tuple(b - a for a, b in bounds), dtype)
+    if key in mapping.EXPERT_LEAVES:  # read only the group's experts; index them from 0
+        experts = range(*group[0][1])
+    inner = []
+    for bounds in group:
+        rest = list(bounds[1:])
+        if experts is not None:
+            rest[0] = (0, len(experts))
+        inner.append(tuple(slice(a, b) for a, b in rest))
+    blocks = [np.empty(tuple(b - a for a, b in bounds), dtype) for bounds in group]
     for i, layer in enumerate(range(l0, l1)):
-        block[i] = src.produce(layer, [key], experts=experts)[key][inner_index]
-    return block
+        layer_slice = src.produce(layer, [key], experts=experts)[key]
+        for block, index in zip(blocks, inner, strict=True):
+            block[i] = layer_slice[index]
+    return blocks
