@@ -49,7 +49,7 @@ def _check(result: dict, expert_size: int, data_size: int):
         assert r["shard_map_in_lowered"], impl
         assert r["all_to_all_in_lowered"] >= 3, (impl, r["all_to_all_in_lowered"])
         # routing stays with each device's tokens: no all-gather of the router probabilities of
-        # every token, [B*T, E] (XLA does not split a TopK over its rows; `top_k_rows` is why)
+        # every token, [B*T, E] (XLA:CPU does not split a TopK over its rows; `top_k_rows` is why)
         B, T = result["batch"]
         assert not [s for s in r["all_gathers"] if s.endswith(f"[{B * T},{E}]")], r["all_gathers"]
         for name, spec in (("w1", [None, "expert", "data"]), ("w3", [None, "expert", "data"]),

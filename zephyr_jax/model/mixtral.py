@@ -97,10 +97,12 @@ def init_kv_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype=None) -> K
 
 def top_k_rows(x_NE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """`jax.lax.top_k(x_NE, k)` as k rounds of argmax: the same values, indices and gradient
-    (ties: the lower index first, as top_k), but made of reductions that XLA splits over the
-    token rows. XLA partitions no TopK over its batch dim: under a mesh it all-gathered every
+    (ties: the lower index first, as top_k), but made of reductions that any XLA backend splits
+    over the token rows. XLA:CPU does not split its TopK: under a mesh it all-gathered every
     layer's router probabilities, [tokens of all devices, E], and ran top-k on all of them on
-    every device."""
+    every device. (XLA's GPU compiler lowers top_k to a sort, which it does split: the 141B
+    step compiled for 4 x 8 H100s had no such all-gather before this either; there k argmax
+    rounds replace a sort of [tokens, E] per layer.)"""
     iota_E = jnp.arange(x_NE.shape[-1])
     remaining_NE = x_NE
     weights, experts = [], []
