@@ -42,6 +42,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from zephyr_jax.sharding import gather_before_loop
+
 IGNORE_INDEX = -100
 _LN2 = 0.6931471805599453
 # log1mexp(0) = -inf; any float32 mean of log-probs that is not exactly 0 is far below this.
@@ -232,6 +234,7 @@ def token_logps_from_hidden(
     if pad:
         hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
         targets_KBT = jnp.pad(targets_KBT, ((0, 0), (0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    head_DV = gather_before_loop(head_DV)  # FSDP: gathered once, not in every chunk
     # chunk axis first, for lax.map; the cotangent of hidden comes back as the same stack of chunks
     hidden_NBCD = hidden_BTD.reshape(B, N, C, D).transpose(1, 0, 2, 3)
     targets_NKBC = targets_KBT.reshape(K, B, N, C).transpose(2, 0, 1, 3)
