@@ -92,7 +92,7 @@ def test_lm_head_is_gathered_once_per_step_not_per_loss_chunk(tmp_path, target):
     is all-gathered once per step, outside every loop, and on XLA's GPU compiler its gradient
     is reduced once after the chunk loop too (`sharding.gather_before_loop`). Without it the
     GPU build gathered the head and reduced its gradient in every chunk (seen at 141B on 4 x 8:
-    16 gathers and 8 reduce-scatters per step); the CPU build gathered it twice."""
+    8 gathers and 4 reduce-scatters per step); the CPU build gathered it twice."""
     if target == "h100" and not HAS_CUDA_PLUGIN:
         pytest.skip("needs jax's CUDA plugin")
     hlo = tmp_path / "step.hlo"
