@@ -3,8 +3,8 @@ model loaded onto a mesh by `from_pretrained(path, mesh=...)` and no mesh set by
 
     python tests/generate_mesh_main.py SPEC.json
 
-SPEC: {"folder", "prompts", "max_new_tokens", "meshes", "param_dtype", "dtype", "seed"}. For each
-mesh prints one line `RESULT {json}`: greedy tokens of the batch, streamed greedy tokens of the
+SPEC: {"prompts", "max_new_tokens", "seed", "runs": [{"folder", "meshes", "param_dtype",
+"dtype"}, ...]}. For each run and mesh prints one line `RESULT {json}` (with the run's folder): greedy tokens of the batch, streamed greedy tokens of the
 first prompt alone, seeded sampled tokens, the parameters' and KV cache's partition specs, the
 parameter dtype, and whether the compiled decode step exchanges tokens between devices
 (all-to-all: the MoE ran expert-parallel).
@@ -33,9 +33,9 @@ def main(argv=None) -> int:
     from zephyr_jax import generation as gen
 
     prompts, n = spec["prompts"], spec["max_new_tokens"]
-    for mesh in spec["meshes"]:
-        model = zephyr_jax.from_pretrained(spec["folder"], mesh=mesh,
-                                           param_dtype=spec["param_dtype"], dtype=spec["dtype"])
+    for run, mesh in [(r, m) for r in spec["runs"] for m in r["meshes"]]:
+        model = zephyr_jax.from_pretrained(run["folder"], mesh=mesh,
+                                           param_dtype=run["param_dtype"], dtype=run["dtype"])
         w1 = model.layers["w1"].value
         greedy = gen.generate_ids(model, prompts, n, temperature=0.0)
         streamed = [col[0] for col in gen.stream_ids(model, prompts[:1], n, temperature=0.0)]
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         with gen._on_model_mesh(state):
             step_hlo = gen._decode_step.lower(graphdef, state, ds, sampling, eos, pad).as_text()
         print("RESULT " + json.dumps({
-            "mesh": mesh, "greedy": greedy, "streamed": streamed, "sampled": sampled,
+            "folder": run["folder"], "mesh": mesh, "greedy": greedy, "streamed": streamed, "sampled": sampled,
             "param_dtype": str(w1.dtype), "w1_spec": _spec(w1),
             "w1_shard_shape": list(w1.addressable_shards[0].data.shape),
             "cache_spec": _spec(ds.cache.k_LBSKH), "cache_spec_batch1": _spec(ds1.cache.k_LBSKH),

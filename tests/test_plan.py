@@ -39,11 +39,44 @@ def _plan_cli(*args: str, timeout: int = 600) -> tuple[subprocess.CompletedProce
     return proc, result
 
 
-def test_tiny_plan_on_2x2_mesh_reports_sane_json():
-    proc, r = _plan_cli("configs/demo.yaml", "--mesh", "2x2", "--model_preset", "tiny",
-                        "--max_length", "64", "--max_prompt_length", "32", "--max_steps", "10",
-                        "--per_device_train_batch_size", "2", "--mfu", "0.5")
+def _collectives(hlo: str) -> list[tuple[str, str, str]]:
+    """(computation, collective, result type) of every collective in a compiled HLO module;
+    "ENTRY" for the top level, where no loop repeats it."""
+    out, comp = [], None
+    for line in hlo.splitlines():
+        head = re.match(r"^(ENTRY )?%?(\S+) .*\{$", line)
+        if head:
+            comp = "ENTRY" if head.group(1) else head.group(2)
+        op = re.search(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                       r"collective-permute)(?:-start)?\(", line)
+        if op:
+            out.append((comp, op.group(2), op.group(1)))
+    return out
+
+
+TINY_PLAN = ["configs/demo.yaml", "--mesh", "2x2", "--model_preset", "tiny", "--max_length", "64",
+             "--max_prompt_length", "32", "--max_steps", "10", "--per_device_train_batch_size", "2",
+             "--mfu", "0.5", "--loss_chunk_size", "32"]  # two loss chunks: a chunk loop
+
+
+def _assert_lm_head_gathered_once(hlo: str, gpu: bool) -> None:
+    """The LM head (tiny: [32, 128], FSDP-sharded) is all-gathered once per step, outside every
+    loop, and on XLA's GPU compiler its gradient is reduced once, after the chunk loop
+    (`sharding.gather_before_loop`). Without it the GPU build gathered the head and reduced its
+    gradient in every chunk (seen at 141B on 4 x 8: 8 gathers and 4 reduce-scatters per step);
+    the CPU build gathered it twice."""
+    head = [c for c in _collectives(hlo) if "[32,128]" in c[2]]
+    gathers = [c for c in head if c[1] == "all-gather"]
+    assert len(gathers) == 1 and gathers[0][0] == "ENTRY", head
+    if gpu:
+        assert all(c[0] == "ENTRY" for c in head), head  # XLA:CPU reduces it per chunk
+
+
+def test_tiny_plan_on_2x2_mesh_reports_sane_json(tmp_path):
+    hlo = tmp_path / "step.hlo"
+    proc, r = _plan_cli(*TINY_PLAN, "--dump_hlo", str(hlo))
     assert r is not None, proc.stdout + proc.stderr
+    _assert_lm_head_gathered_once(hlo.read_text(), gpu=False)
     cfg = MixtralConfig.preset("tiny")
     assert r["devices"] == 4
     assert r["mesh"] == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}
@@ -71,39 +104,12 @@ def test_tiny_plan_on_2x2_mesh_reports_sane_json():
     assert "model FLOPs / (devices x peak x MFU)" in proc.stdout
 
 
-def _collectives(hlo: str) -> list[tuple[str, str, str]]:
-    """(computation, collective, result type) of every collective in a compiled HLO module;
-    "ENTRY" for the top level, where no loop repeats it."""
-    out, comp = [], None
-    for line in hlo.splitlines():
-        head = re.match(r"^(ENTRY )?%?(\S+) .*\{$", line)
-        if head:
-            comp = "ENTRY" if head.group(1) else head.group(2)
-        op = re.search(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
-                       r"collective-permute)(?:-start)?\(", line)
-        if op:
-            out.append((comp, op.group(2), op.group(1)))
-    return out
-
-
-@pytest.mark.parametrize("target", ["cpu", "h100"])
-def test_lm_head_is_gathered_once_per_step_not_per_loss_chunk(tmp_path, target):
-    """The demo step (2 loss chunks) on a 2 x 4 mesh: the LM head ([64, 32000], FSDP-sharded)
-    is all-gathered once per step, outside every loop, and on XLA's GPU compiler its gradient
-    is reduced once after the chunk loop too (`sharding.gather_before_loop`). Without it the
-    GPU build gathered the head and reduced its gradient in every chunk (seen at 141B on 4 x 8:
-    8 gathers and 4 reduce-scatters per step); the CPU build gathered it twice."""
-    if target == "h100" and not HAS_CUDA_PLUGIN:
-        pytest.skip("needs jax's CUDA plugin")
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax's CUDA plugin")
+def test_lm_head_is_gathered_once_per_step_on_h100s(tmp_path):
     hlo = tmp_path / "step.hlo"
-    proc, r = _plan_cli("configs/demo.yaml", "--mesh", "2x4", "--target", target,
-                        "--dump_hlo", str(hlo))
+    proc, r = _plan_cli(*TINY_PLAN, "--target", "h100", "--dump_hlo", str(hlo))
     assert r is not None, proc.stdout + proc.stderr
-    head = [c for c in _collectives(hlo.read_text()) if "[64,32000]" in c[2]]
-    gathers = [c for c in head if c[1] == "all-gather"]
-    assert len(gathers) == 1 and gathers[0][0] == "ENTRY", head
-    if target == "h100":
-        assert all(c[0] == "ENTRY" for c in head), head  # XLA:CPU reduces it per chunk
+    _assert_lm_head_gathered_once(hlo.read_text(), gpu=True)
 
 
 def test_hlo_dot_flops_counts_loop_trips():
