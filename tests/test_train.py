@@ -131,23 +131,47 @@ def test_sigterm_saves_a_checkpoint_and_resumes(straight_run, tmp_path):
     assert_bitwise_equal(final_params(out), final_params(straight_run))
 
 
-@pytest.mark.parametrize(
-    ("args", "needles"),
-    [
-        (["--learning_rat", "1e-3"], ["learning_rat", "did you mean 'learning_rate'"]),
-        (["--max_prompt_length", "128"], ["max_prompt_length", "max_length=128"]),
-        (["--mesh", "{data: 1, expert: 3}"], ["num_local_experts=4", "mesh.expert=3"]),
-        (["--mesh", "{data: 2}"], ["mesh", "have 3"]),
-        (["--per_device_train_batch_size", "0"], ["per_device_train_batch_size"]),
-        (["--lr_scheduler_type", "warmup_cosine"], ["lr_scheduler_type"]),
-    ],
-)
-def test_config_errors_fail_before_compiling_and_name_the_key(tmp_path, args, needles):
-    proc = run_train(tmp_path / "bad", *args, devices=3)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+CONFIG_ERRORS = [
+    (["--learning_rat", "1e-3"], ["learning_rat", "did you mean 'learning_rate'"]),
+    (["--max_prompt_length", "128"], ["max_prompt_length", "max_length=128"]),
+    (["--mesh", "{data: 1, expert: 3}"], ["num_local_experts=4", "mesh.expert=3"]),
+    (["--mesh", "{data: 2}"], ["mesh", "have 3"]),
+    (["--per_device_train_batch_size", "0"], ["per_device_train_batch_size"]),
+    (["--lr_scheduler_type", "warmup_cosine"], ["lr_scheduler_type"]),
+]
+# The entry point's `main` on each case in one process with 3 devices (one jax start-up, not six;
+# `python -m zephyr_jax.train` is `sys.exit(main())`): exit code and stderr per case, and whether
+# anything escaped `main` as an exception.
+_ERRORS_DRIVER = """
+import contextlib, io, json, sys, traceback
+from zephyr_jax.train import main
+out = []
+for args in json.loads(sys.argv[2]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = main(["configs/demo.yaml", "--output_dir", sys.argv[1], *args])
+        except BaseException:
+            rc = "raised"
+            traceback.print_exc()
+    out.append([rc, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def test_config_errors_fail_before_compiling_and_name_the_key(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    proc = subprocess.run([sys.executable, "-c", _ERRORS_DRIVER, str(tmp_path / "bad"),
+                           json.dumps([args for args, _ in CONFIG_ERRORS])], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (args, needles), (rc, stderr) in zip(CONFIG_ERRORS, results, strict=True):
+        assert rc == 2, (args, rc, stderr[-3000:])
+        for needle in needles:
+            assert needle in stderr, (args, stderr[-3000:])
+        assert "Traceback" not in stderr, (args, stderr[-3000:])
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # nothing compiled, nothing saved
 
 
 def test_bad_data_beyond_threshold_is_a_clear_error(tmp_path):
