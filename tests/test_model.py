@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import time
+import re
 
 import jax
 import jax.numpy as jnp
@@ -548,7 +548,7 @@ def test_named_remat_policies_trade_memory_for_recompute():
     assert t["none"] > t["save_matmuls"] > t["save_attention"] >= t["full"], t
 
 
-def _compile_seconds(layers: int) -> float:
+def _compiled_instructions(layers: int) -> int:
     cfg = MixtralConfig.preset("tiny").replace(num_hidden_layers=layers)
     model = zj.Mixtral(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -557,15 +557,16 @@ def _compile_seconds(layers: int) -> float:
     def loss(state):
         return jnp.mean(nnx.merge(graphdef, state)(ids) ** 2)
 
-    t0 = time.perf_counter()
-    jax.jit(jax.grad(loss)).lower(state).compile()
-    return time.perf_counter() - t0
+    hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+    return len(re.findall(r"^\s+(?:ROOT )?%\S+ = ", hlo, re.M))
 
 
-def test_compile_time_does_not_grow_with_depth():
-    _compile_seconds(1)  # warm the compiler's own caches
-    two, eight = min(_compile_seconds(2) for _ in range(2)), min(_compile_seconds(8) for _ in range(2))
-    assert eight < 2 * two, (two, eight)
+def test_compiled_program_does_not_grow_with_depth():
+    """The layers run as one scanned body, so 56 layers compile like 2: the compiled gradient
+    program has as many instructions at 8 layers as at 2 (measured 4016 and 4016; with the scan
+    unrolled, 8064 and 31554). It replaced a compile-time measurement: same property, no clock."""
+    two, eight = _compiled_instructions(2), _compiled_instructions(8)
+    assert eight <= 1.05 * two, (two, eight)
 
 
 @pytest.mark.parametrize(
