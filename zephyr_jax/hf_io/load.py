@@ -81,11 +81,10 @@ def load_hf_sharded(hf_dir: str | os.PathLike, shardings: Mapping, cfg: MixtralC
             for bounds in by_block:
                 by_source.setdefault(_source(key, bounds), []).append(bounds)
             arrays = []
-            for group in by_source.values():
+            for group in by_source.values():  # a group's host blocks are dropped after it
                 for bounds, block in zip(group, _read_blocks(src, key, group, leaf_dtype),
                                          strict=True):
                     arrays += [jax.device_put(block, d) for d in by_block[bounds]]
-                del block
             out[key] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
     return cfg, unflatten(out)
 
