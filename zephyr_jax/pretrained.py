@@ -64,7 +64,7 @@ def config_of(path: str | os.PathLike, **runtime: Any) -> MixtralConfig:
     """The config `load_params(path, **runtime)` will return, without reading any weight."""
     path = resolve_path(path)
     runtime = _resolve_param_dtype(path, runtime)
-    if os.path.isdir(path) and not _has_hf_weights(path):
+    if _is_model_checkpoint(path):
         return mc.load_model_config(path, dtype=runtime["param_dtype"], **runtime)
     return MixtralConfig.from_hf(path, **runtime)
 
@@ -92,7 +92,7 @@ def load_params(path: str | os.PathLike, shardings=None, **runtime: Any) -> tupl
     its devices' blocks, never the model). `param_dtype="auto"` keeps the stored dtype."""
     path = resolve_path(path)
     runtime = _resolve_param_dtype(path, runtime)
-    if os.path.isdir(path) and not _has_hf_weights(path):
+    if _is_model_checkpoint(path):
         return mc.load_model_checkpoint(path, shardings=shardings, dtype=runtime["param_dtype"],
                                         **runtime)
     import jax
@@ -109,13 +109,13 @@ def load_params(path: str | os.PathLike, shardings=None, **runtime: Any) -> tupl
 
 
 def _resolve_param_dtype(path: str, runtime: dict) -> dict:
-    """param_dtype: float32 when not given; "auto" -> the checkpoint's stored dtype (all of
-    Mixtral's weights share one; a mix is refused, naming two of them)."""
+    """param_dtype: float32 when not given; "auto" -> the checkpoint's stored dtype, or where the
+    stored dtypes differ, config.json's dtype (an error naming a tensor of each if it has none)."""
     runtime = dict(runtime)
     runtime.setdefault("param_dtype", "float32")
     if runtime["param_dtype"] != "auto":
         return runtime
-    if os.path.isdir(path) and not _has_hf_weights(path):
+    if _is_model_checkpoint(path):
         stored = mc.stored_dtypes(path)
     else:
         with HFSource(path, MixtralConfig.from_hf(path)) as src:
@@ -136,6 +136,11 @@ def _resolve_param_dtype(path: str, runtime: dict) -> dict:
                          "param_dtype explicitly")
     runtime["param_dtype"] = declared
     return runtime
+
+
+def _is_model_checkpoint(path: str) -> bool:
+    """Ours (orbax params, or a trainer output_dir), not a HF folder."""
+    return os.path.isdir(path) and not _has_hf_weights(path)
 
 
 def _has_hf_weights(path: str) -> bool:

@@ -476,16 +476,14 @@ def gather_before_loop(w: jax.Array) -> jax.Array:
     on every device under the ambient mesh; identity without one.
 
     Left FSDP-sharded, XLA gathers it inside the loop, once per iteration, and reduce-scatters
-    its gradient once per iteration too. In the 141B step compiled for 4 x 8 H100s (4 chunks
-    of 512 positions) the head ([6144, 32000] bf16, 0.37 GiB) was all-gathered 8 times per step
-    and its float32 gradient reduce-scattered 4 times, across the hosts (~6.3 GB per device per
+    its gradient once per iteration too. In the 141B step compiled for 4 x 8 H100s (4 chunks of
+    512 positions) the head ([6144, 32000] bf16, 0.37 GiB) was all-gathered 8 times per step and
+    its float32 gradient reduce-scattered 4 times, across the hosts (~6.3 GB per device per
     step); gathered here, it is gathered once and its gradient all-reduced once after the loop
-    (~2 GB), for 0.35 GiB more memory per device. (Leaving the cotangent unconstrained, via a custom VJP, kept the
-    per-chunk reduce-scatters: XLA moves an all-reduce of a loop's accumulator out of the loop,
-    not a reduce-scatter.)
+    (~2 GB), for 0.35 GiB more memory per device. (A custom VJP leaving the cotangent
+    unconstrained kept the per-chunk reduce-scatters: XLA moves a loop accumulator's all-reduce
+    out of the loop, not a reduce-scatter.)
     """
-    if ambient_mesh() is None:
-        return w
     return constrain(w, (None,) * w.ndim)
 
 
