@@ -18,10 +18,10 @@ import sys
 import pytest
 
 from zephyr_jax.config import MixtralConfig
+from zephyr_jax.gpu_aot import cuda_plugin_installed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and any(
-    importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+HAS_CUDA_PLUGIN = cuda_plugin_installed()
 needs_plugin = pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax's CUDA plugin")
 
 

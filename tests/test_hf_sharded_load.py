@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 from test_convert_helpers import make_hf_model, save_hf
+from test_multihost import _free_port
 
 from zephyr_jax.hf_io import mapping
 
@@ -24,12 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "hf_sharded_load_main.py")
 # Expert weights dominate, as in Mixtral-8x22B (96% of its bytes); 4 experts over 4 devices.
 SHAPE = dict(num_hidden_layers=4, intermediate_size=256, hidden_size=32)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_two(hf_dir: str, mesh: str, dtype: str | None = None) -> list[dict]:

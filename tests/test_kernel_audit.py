@@ -8,13 +8,13 @@ controls showing the audit does report a kernel that does not.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from zephyr_jax.gpu_aot import cuda_plugin_installed
 from zephyr_jax.kernel_audit import (
     Audit,
     KernelReport,
@@ -24,8 +24,7 @@ from zephyr_jax.kernel_audit import (
     thunk_kernels,
 )
 
-HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and any(
-    importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+HAS_CUDA_PLUGIN = cuda_plugin_installed()
 needs_plugin = pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax's CUDA plugin")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

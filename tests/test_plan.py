@@ -9,7 +9,6 @@ figure).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,14 +18,14 @@ import sys
 import pytest
 
 from zephyr_jax.config import ConfigError, MixtralConfig
+from zephyr_jax.gpu_aot import cuda_plugin_installed
 from zephyr_jax.plan import analytic_flops, hlo_dot_flops, mesh_devices, resolve_model_config
 from zephyr_jax.sharding import ShardingError
 from zephyr_jax.train_config import load_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
-HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and any(
-    importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+HAS_CUDA_PLUGIN = cuda_plugin_installed()
 
 
 def _plan_cli(*args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, dict | None]:

@@ -171,7 +171,7 @@ def test_config_errors_fail_before_compiling_and_name_the_key(tmp_path):
         for needle in needles:
             assert needle in stderr, (args, stderr[-3000:])
         assert "Traceback" not in stderr, (args, stderr[-3000:])
-    assert not (tmp_path / "bad" / "checkpoints").exists()  # nothing compiled, nothing saved
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # no step ran, nothing was saved
 
 
 def test_bad_data_beyond_threshold_is_a_clear_error(tmp_path):

@@ -123,6 +123,12 @@ def pretend(setattr_=setattr) -> None:
         setattr_(sm90, "backend", types.SimpleNamespace(get_default_device=lambda: device))
 
 
+def cuda_plugin_installed() -> bool:
+    """jax's CUDA plugin (what compiling for a GPU without one needs) is importable here."""
+    return importlib.util.find_spec("jax_plugins") is not None and any(
+        importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+
+
 def topology_devices(target: Target, n: int) -> list:
     """`n` compile-only devices of `target`: one host of up to 8, else hosts of 8 (the 4 x 8 H100
     cluster of the recipe is 4 hosts of 8)."""
