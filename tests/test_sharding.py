@@ -203,6 +203,38 @@ def test_full_size_8x22b_param_shardings_on_32_devices():
     assert layers["w1"].shard_shape((56, 8, 6144, 16384)) == (56, 1, 1536, 16384)
 
 
+def test_read_layout_puts_the_hosts_on_the_layers():
+    """`read_sharding` for Mixtral-8x22B on 4 x 8: `data` (the hosts) moves from the hidden dim
+    to the 56 layers, so each host reads its 14 layers' file tensors and nothing else; `expert`
+    (inside a host) stays, as 56 layers do not split 32 ways."""
+    cfg = MixtralConfig.preset("mixtral-8x22b")
+    model = nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))
+    layers = zs.param_shardings(model, MESH_4x8).to_pure_dict()["layers"]
+    shapes = {k: v.shape for k, v in nnx.state(model, nnx.Param).to_pure_dict()["layers"].items()}
+    read = {k: zs.read_sharding(s, shapes[k], 2 if k in ("w1", "w2", "w3") else 1)
+            for k, s in layers.items()}
+    assert read["w1"].spec == read["w2"].spec == P("data", "expert")
+    assert read["w1"].shard_shape(shapes["w1"]) == (14, 1, 6144, 16384)  # whole file tensors
+    assert read["wq"].spec == P("data", "expert")  # the host's 8 GPUs share its reads
+    assert read["wo"].spec == P("data", None, None, "expert")
+    assert read["input_norm"] is layers["input_norm"]  # replicated: nothing to move
+    for k, s in read.items():
+        assert s.shard_shape(shapes[k])[0] in (14, 56), k
+
+
+def test_read_layout_moves_what_the_layer_count_divides():
+    mesh = abstract_mesh(data=2, expert=4)
+    wq = jax.sharding.NamedSharding(mesh, P(None, ("data", "expert")))
+    assert zs.read_sharding(wq, (8, 64, 4, 16), 1).spec == P(("data", "expert"))
+    assert zs.read_sharding(wq, (6, 64, 4, 16), 1).spec == P("data", "expert")
+    assert zs.read_sharding(wq, (5, 64, 4, 16), 1) is wq
+    w1 = jax.sharding.NamedSharding(mesh, P(None, "expert", "data"))
+    assert zs.read_sharding(w1, (8, 4, 64, 32), 2).spec == P("data", "expert")
+    # already split over the layers (user rules): left as it is
+    by_layer = jax.sharding.NamedSharding(mesh, P("data", None, "expert"))
+    assert zs.read_sharding(by_layer, (8, 64, 4), 1) is by_layer
+
+
 def test_shard_model_and_batch_sharding_on_one_device():
     cfg = MixtralConfig.preset("tiny")
     model = Mixtral(cfg, rngs=nnx.Rngs(0))

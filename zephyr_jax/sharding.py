@@ -554,6 +554,43 @@ def mirror_shardings(tree, params_shardings: dict, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def read_sharding(sharding: NamedSharding, shape: Sequence[int], whole_dims: int) -> NamedSharding:
+    """The layout to read a layer-stacked parameter from files in, before resharding it to
+    `sharding` (its training layout) over the interconnect.
+
+    A file tensor holds one layer (and one expert) whole, so every process whose devices hold
+    any columns of it must read all of it: on 4 hosts x 8 GPUs, where `data` splits the weights'
+    hidden dim across the hosts, each host would read the whole model (Mixtral-8x22B: 282 GB per
+    host, 4x the model from the file system). Here the mesh axes that split the dims a file
+    tensor holds whole (the dims from `whole_dims` on; dim 0 is the layers) move onto the layer
+    dim, in mesh order (the processes' axes first, as `make_mesh` lays them out), as long as the
+    layer count divides them: then each file tensor is read by one process. Returns `sharding`
+    itself where nothing moves (layers already split, or no axis fits).
+    """
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    if spec[0] is not None:
+        return sharding
+    sizes = _mesh_sizes(sharding.mesh)
+
+    def axes_of(entry) -> tuple[str, ...]:
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+    inner = {a for entry in spec[whole_dims:] for a in axes_of(entry)}
+    moved: list[str] = []
+    for a in sharding.mesh.axis_names:
+        if a in inner and shape[0] % (math.prod(sizes[m] for m in moved) * sizes[a]) == 0:
+            moved.append(a)
+    if not moved:
+        return sharding
+    new = [tuple(moved) if len(moved) > 1 else moved[0]]
+    for i, entry in enumerate(spec[1:], start=1):
+        kept = axes_of(entry) if i < whole_dims else tuple(a for a in axes_of(entry) if a not in moved)
+        new.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    while new and new[-1] is None:
+        new.pop()
+    return NamedSharding(sharding.mesh, PartitionSpec(*new))
+
+
 def _key(k) -> str:
     return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
 

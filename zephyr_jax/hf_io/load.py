@@ -8,6 +8,7 @@ only its devices' shards (Mixtral-8x22B is 282 GB in bf16, 564 GB as float32 par
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 
@@ -56,10 +57,17 @@ def load_hf_sharded(hf_dir: str | os.PathLike, shardings: Mapping, cfg: MixtralC
     4 x 8 GPUs, one expert's block of an expert weight, or a host's quarter of an attention
     weight. Works unchanged across processes (`jax.distributed`): every process reads its own
     blocks and assembles its part of each global array.
+
+    Layer weights are read in `sharding.read_sharding`'s layout, their layers split over the mesh
+    axes that split the columns, and then resharded on the devices: a file tensor is read by one
+    process, not by every process holding some of its columns (4 x 8: each host reads a quarter
+    of the model, not all of it), for one parameter's shard more device memory while it moves.
     """
-    import jax
+    import jax  # here, not at the top: the whole-model loader and conversion need no jax
+    from jax.sharding import NamedSharding
 
     from zephyr_jax.model_checkpoint import flatten, param_shapes, unflatten
+    from zephyr_jax.sharding import read_sharding
 
     with HFSource(hf_dir, cfg) as src:
         cfg = src.cfg
@@ -71,7 +79,10 @@ def load_hf_sharded(hf_dir: str | os.PathLike, shardings: Mapping, cfg: MixtralC
         stored = src.leaf_dtypes()
         out = {}
         for key, shape in shapes.items():
-            sharding = flat_shardings[key]
+            target = flat_shardings[key]
+            sharding = target
+            if key.startswith("layers/") and isinstance(target, NamedSharding):
+                sharding = read_sharding(target, shape, 2 if key in mapping.EXPERT_LEAVES else 1)
             leaf_dtype = np.dtype(dtype or stored[key])
             by_block: dict[tuple, list] = {}  # replicated devices share one block
             for device, index in sharding.addressable_devices_indices_map(shape).items():
@@ -86,7 +97,17 @@ def load_hf_sharded(hf_dir: str | os.PathLike, shardings: Mapping, cfg: MixtralC
                                          strict=True):
                     arrays += [jax.device_put(block, d) for d in by_block[bounds]]
             out[key] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+            del arrays
+            if sharding != target:  # over the interconnect, one parameter at a time
+                out[key] = _reshard(target)(out[key])
     return cfg, unflatten(out)
+
+
+@functools.cache
+def _reshard(target):
+    import jax
+
+    return jax.jit(lambda x: x, out_shardings=target)
 
 
 def _source(key: str, bounds: tuple[tuple[int, int], ...]) -> tuple:
