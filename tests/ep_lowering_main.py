@@ -2,7 +2,9 @@
 kernels (our Pallas/Triton `gmm`; tokamax's Mosaic kernels where installed), lowered for CUDA on a
 simulated CPU mesh (tests/cuda_lowering.py says how; the kernels do not run here):
 
-    python tests/ep_lowering_main.py --devices 8 --mesh 2x4 --impls pallas,tokamax
+    python tests/ep_lowering_main.py --devices 8 --mesh 2x4 --impls pallas,tokamax,pallas/ragged
+
+(IMPL/ragged: with moe_exchange "ragged", whose `ragged_all_to_all` is lowered for CUDA too.)
 
 For each implementation: the gradient of a bf16 8-expert model under the mesh, remat
 save_matmuls; prints one JSON line prefixed `RESULT ` with the kernel calls, all-to-alls and
@@ -43,10 +45,12 @@ def main(argv=None) -> int:
     mesh = zs.make_mesh(zs.parse_mesh(args.mesh))
     B, T = args.devices, 64
     result = {"mesh": dict(mesh.shape), "impls": {}}
-    for impl in args.impls.split(","):
+    for variant in args.impls.split(","):
+        impl, _, exchange = variant.partition("/")  # "pallas" or "pallas/ragged"
         cfg = MixtralConfig.preset("tiny", num_local_experts=8, num_experts_per_tok=2,
                                    hidden_size=128, intermediate_size=256, dtype="bfloat16",
-                                   moe_impl=impl, remat="save_matmuls")
+                                   moe_impl=impl, moe_exchange=exchange or "padded",
+                                   remat="save_matmuls")
         zs.validate(mesh, cfg, global_batch=B)
         model = Mixtral(cfg, rngs=nnx.Rngs(0))
         zs.shard_model(model, mesh, zs.DEFAULT_RULES)
@@ -58,10 +62,11 @@ def main(argv=None) -> int:
         with zs.use_mesh(mesh, zs.DEFAULT_RULES):
             text = lower_for_cuda(nnx.grad(loss_fn), model, ids)
         calls = re.findall(r"custom_call @([^(\s]+)\(", text)
-        result["impls"][impl] = {
+        result["impls"][variant] = {
             "triton_calls": calls.count("__gpu$xla.gpu.triton"),
             "mosaic_calls": calls.count("mosaic_gpu_v2"),
-            "all_to_all": text.count("all_to_all"),
+            "all_to_all": len(re.findall(r"\ball_to_all\b", text)),
+            "ragged_all_to_all": len(re.findall(r"\bragged_all_to_all\b", text)),
             "manual_computation": "sdy.manual_computation" in text or "shard_map" in text,
         }
     print("RESULT " + json.dumps(result))

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", default="ragged")
     ap.add_argument("--remat", default="none")
     ap.add_argument("--seq", type=int, default=8)
+    ap.add_argument("--ragged-exchange", action="store_true",
+                    help="also check the dispatch with moe_exchange 'ragged'")
     args = ap.parse_args(argv)
 
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -127,12 +129,13 @@ def main(argv=None) -> int:
                 r"= (\w+\[[\d,]*\])\S* all-gather(?:-start)?\(", compiled_text))),
             "seconds": {"reference": round(t_ref, 2), "sharded_compile_and_run": round(t_sharded, 2)},
         }
-    result["dispatch"] = _dispatch_checks(mesh, args.impls.split(","))
+    result["dispatch"] = _dispatch_checks(mesh, args.impls.split(","), args.ragged_exchange)
+    result["emulated_ragged_all_to_all_example"] = _emulated_ragged_all_to_all_example()
     print("RESULT " + json.dumps(result))
     return 0
 
 
-def _dispatch_checks(mesh, impls):
+def _dispatch_checks(mesh, impls, with_ragged_exchange: bool):
     """The dispatch alone, expert-parallel vs the local dense oracle, on routings that stress the
     static buffers: every token to the same two experts (the worst case the buffers are sized
     for), to the last device, and random routing. Also moe_impl="capacity" (capacity_factor 1),
@@ -197,10 +200,15 @@ def _dispatch_checks(mesh, impls):
             dispatch.GATHER_BACKWARD = saved
 
     steps["ragged_gather_backward"] = ragged_gather_backward
+    # moe_exchange "ragged" (ragged_all_to_all, emulated on CPU) around three local impls
+    ragged_exchange = [f"{impl}/ragged_exchange" for impl in ("dense", "ragged", "scan")
+                       if with_ragged_exchange]
+    steps.update({name: jax.jit(functools.partial(
+        grad, dispatch.get_dispatch(name.split("/")[0], "ragged"), 1.0)) for name in ragged_exchange})
     P_cap = exchange_rows(n, K, E // X, X, "capacity", 1.0)
     out = {}
     for rname, expert in routings.items():
-        for impl in [*dispatch_impls, "capacity", "ragged_gather_backward"]:
+        for impl in [*dispatch_impls, "capacity", "ragged_gather_backward", *ragged_exchange]:
             w_ref = weight
             if impl == "capacity":
                 kept = capacity_kept(expert, P_cap)
@@ -219,13 +227,36 @@ def _dispatch_checks(mesh, impls):
     odd = slice(0, N - 3)
     args = (x[odd], weight[odd], w1, w3, w2, routings["random"][odd])
     (_, (ref_y, _)), ref_g = steps["oracle"](*args)
-    with zs.use_mesh(mesh):
-        (_, (y, dropped)), g = steps["ragged"](*args)
-    g_err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-                for a, b in zip(g, ref_g, strict=True))
-    y_err = float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y)))
-    out["random_N_not_divisible/ragged"] = [y_err, g_err, int(dropped), 0]
+    for impl in ["ragged"] + (["ragged/ragged_exchange"] if with_ragged_exchange else []):
+        with zs.use_mesh(mesh):
+            (_, (y, dropped)), g = steps[impl](*args)
+        g_err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                    for a, b in zip(g, ref_g, strict=True))
+        y_err = float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y)))
+        out[f"random_N_not_divisible/{impl}"] = [y_err, g_err, int(dropped), 0]
     return out
+
+
+def _emulated_ragged_all_to_all_example():
+    """The example of `jax.lax.ragged_all_to_all`'s docstring (axis of size 2) through our CPU
+    emulation of it: returns each device's result (the docstring says [1, 3, 0, 0], [2, 2, 4, 0])."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from zephyr_jax.model.expert_parallel import emulated_ragged_all_to_all
+
+    per_device = {  # argument: (axis index 0's, axis index 1's)
+        "operand": ([1, 2, 2], [3, 4, 0]), "output": ([0, 0, 0, 0], [0, 0, 0, 0]),
+        "input_offsets": ([0, 1], [0, 1]), "send_sizes": ([1, 2], [1, 1]),
+        "output_offsets": ([0, 0], [1, 2]), "recv_sizes": ([1, 1], [2, 1]),
+    }
+    args = [np.array(v, np.int32) for v in per_device.values()]
+    fn = jax.shard_map(lambda *a: emulated_ragged_all_to_all(*(x[0] for x in a), "x")[None],
+                       mesh=Mesh(np.array(jax.devices()[:2]), ("x",)),
+                       in_specs=(P("x"),) * len(args), out_specs=P("x"))
+    return np.asarray(fn(*args)).tolist()
 
 
 if __name__ == "__main__":

@@ -578,6 +578,7 @@ def test_compiled_program_does_not_grow_with_depth():
         (dict(hidden_size=0), "hidden_size"),
         (dict(moe_impl="magic"), "moe_impl"),
         (dict(moe_impl="tokamax"), "moe_impl"),  # tiny computes in float32
+        (dict(moe_exchange="sparse"), "moe_exchange"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps"),
     ],
 )

@@ -19,9 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
 
 
-def _run(devices: int, mesh: str, impls: str, remat: str = "none") -> dict:
+def _run(devices: int, mesh: str, impls: str, remat: str = "none", *extra: str) -> dict:
     return _subprocess("sharding_parity_main.py", "--devices", str(devices), "--mesh", mesh,
-                       "--impls", impls, "--remat", remat)
+                       "--impls", impls, "--remat", remat, *extra)
 
 
 def _subprocess(script: str, *args: str) -> dict:
@@ -35,7 +35,7 @@ def _subprocess(script: str, *args: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _check(result: dict, expert_size: int, data_size: int):
+def _check(result: dict, expert_size: int, data_size: int, ragged_exchange: bool = False):
     E = 8
     assert result["init_sharded"]["spec"] == [None, "expert", "data"]
     assert result["init_sharded"]["max_abs_diff"] < 1e-7  # same draws (values ~0.02)
@@ -68,14 +68,22 @@ def _check(result: dict, expert_size: int, data_size: int):
     assert "random/ragged_gather_backward" in result["dispatch"]
     # capacity_factor 1 must drop when every token picks the same two experts
     assert result["dispatch"]["all_to_experts_0_1/capacity"][3] > 0
+    if not ragged_exchange:
+        return
+    # moe_exchange "ragged": every routing (the worst case included) and local implementation,
+    # through the CPU emulation of ragged_all_to_all, which gives its docstring's example
+    assert {f"{r}/{i}/ragged_exchange" for r in ("all_to_experts_0_1", "all_to_last_device",
+                                                 "random") for i in ("dense", "ragged", "scan")
+            } | {"random_N_not_divisible/ragged/ragged_exchange"} <= set(result["dispatch"])
+    assert result["emulated_ragged_all_to_all_example"] == [[1, 3, 0, 0], [2, 2, 4, 0]]
 
 
 def test_8_devices_data2_expert4_matches_single_device():
     # dense: at the dispatch level (result["dispatch"]); save_matmuls: the named checkpoints on
     # the expert GEMMs inside the expert-parallel shard_map (the 32-device run below uses "full")
-    result = _run(8, "2x4", "ragged", remat="save_matmuls")
+    result = _run(8, "2x4", "ragged", "save_matmuls", "--ragged-exchange")
     assert result["mesh"] == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
-    _check(result, expert_size=4, data_size=2)
+    _check(result, expert_size=4, data_size=2, ragged_exchange=True)
 
 
 # an acceptance test of the scale issue: in the default run
@@ -89,15 +97,21 @@ def test_expert_parallel_gpu_kernels_lower_for_cuda():
     """Our Pallas kernels (and tokamax's, where installed) inside the expert-parallel shard_map,
     lowered for CUDA on an 8-device mesh (Pallas' interpreter cannot run there; the GPU runs the
     real thing): 3 expert GEMMs x (forward, dx, dw) = 9 kernels in the scanned layer under
-    save_matmuls, with the all-to-all exchanges around them."""
+    save_matmuls, with the all-to-all exchanges around them, padded or ragged."""
     from zephyr_jax.model import dispatch
 
-    impls = "pallas,tokamax" if dispatch.tokamax_available() else "pallas"
+    impls = "pallas,pallas/ragged" + (",tokamax" if dispatch.tokamax_available() else "")
     result = _subprocess("ep_lowering_main.py", "--devices", "8", "--mesh", "2x4", "--impls", impls)
     assert result["mesh"] == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     for impl, r in result["impls"].items():
-        kernels = r["triton_calls"] if impl == "pallas" else r["mosaic_calls"]
+        kernels = r["triton_calls"] if impl.startswith("pallas") else r["mosaic_calls"]
         assert kernels == 9 and r["manual_computation"] and r["all_to_all"] >= 3, (impl, r)
+        # moe_exchange "ragged": the real ragged_all_to_all on a GPU (tokens, expert ids, results
+        # back, their transposes, the remat's forward again), not the CPU emulation
+        if impl.endswith("/ragged"):
+            assert r["ragged_all_to_all"] >= 5, (impl, r)
+        else:
+            assert r["ragged_all_to_all"] == 0, (impl, r)
 
 
 @pytest.mark.slow

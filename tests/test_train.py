@@ -211,18 +211,21 @@ def test_starts_from_a_hf_folder_on_a_mesh(tmp_path):
     """The recipe's start (model_name_or_path = a HF Mixtral) on 4 devices, experts split: the
     weights load block by block onto the mesh (`load_hf_sharded`) and, after one step, come back
     out of the HF export bit for bit: the demo's inverse_sqrt warmup (as HF's) gives step 0 a
-    learning rate of 0, so a step changes no weight; a wrong block would."""
+    learning rate of 0, so a step changes no weight; a wrong block would. The MoE exchanges
+    tokens the ragged way here (moe_exchange, emulated on CPU), which the trainer first checks
+    against the padded exchange on the mesh."""
     from test_convert_helpers import make_hf_model, read_tensors, save_hf
 
     hf = save_hf(make_hf_model(seed=6, vocab_size=32000, hidden_size=32, intermediate_size=48),
                  tmp_path / "hf", max_shard_size="200KB")
     out = tmp_path / "run"
     proc = run_train(out, "--model_preset", "null", "--model_name_or_path", hf,
-                     "--mesh", "{data: 2, expert: 2}",
+                     "--mesh", "{data: 2, expert: 2}", "--model_overrides", "{moe_exchange: ragged}",
                      "--max_steps", "1", "--per_device_train_batch_size",
                      "1", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
                      "--dataset_splits", "[train]", devices=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "moe_exchange ragged agrees with the padded exchange" in proc.stdout, proc.stdout
     assert np.isfinite(losses(out)[1])
     want, got = read_tensors(hf), read_tensors(out / "hf")
     assert sorted(got) == sorted(want)

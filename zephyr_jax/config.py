@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 MOE_IMPLS = ("auto", "dense", "ragged", "scan", "pallas", "tokamax", "capacity")
+MOE_EXCHANGES = ("padded", "ragged")  # see zephyr_jax.model.expert_parallel
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_matmuls", "save_attention")
 ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -73,6 +74,9 @@ class MixtralConfig:
     param_dtype: str = "float32"
     moe_impl: str = "auto"  # per platform; see zephyr_jax.model.dispatch.auto_impl
     moe_capacity_factor: float = 1.25  # only for moe_impl="capacity"
+    # expert parallelism's token exchange: "padded" (static worst case) or "ragged" (routed rows
+    # only; unmeasured on GPUs); see zephyr_jax.model.expert_parallel
+    moe_exchange: str = "padded"
     remat: str = "none"
     attention_impl: str = "xla"
 
@@ -114,6 +118,7 @@ class MixtralConfig:
              f"'tokamax' computes in bfloat16/float16 only, and dtype is {self.dtype!r} "
              "('auto' picks another implementation for float32)")
         need(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be > 0")
+        need(self.moe_exchange in MOE_EXCHANGES, "moe_exchange", f"must be one of {MOE_EXCHANGES}")
         need(self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
              f"must be one of {ATTENTION_IMPLS}")
@@ -234,7 +239,8 @@ class MixtralConfig:
 
 
 _RUNTIME_FIELDS = frozenset(
-    {"dtype", "param_dtype", "moe_impl", "moe_capacity_factor", "remat", "attention_impl"}
+    {"dtype", "param_dtype", "moe_impl", "moe_capacity_factor", "moe_exchange", "remat",
+     "attention_impl"}
 )
 
 # Presets live in the repository's configs/ (the package is installed editable, as the README says).

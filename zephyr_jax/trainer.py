@@ -24,6 +24,7 @@ from zephyr_jax.config import ConfigError, MixtralConfig
 from zephyr_jax.distributed import any_process, barrier, maybe_initialize
 from zephyr_jax.logging_utils import RunLogger
 from zephyr_jax.model import Mixtral, params_dict
+from zephyr_jax.model.expert_parallel import check_exchange
 from zephyr_jax.optim import make_optimizer, make_schedule
 from zephyr_jax.train_checkpoint import TrainCheckpointer
 from zephyr_jax.train_config import TrainConfig
@@ -190,6 +191,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           "checkpoint; set save_strategy to steps or epoch")
     # every check that can fail does so before data loading and compiles
     mesh, rules, p_shard = mesh_and_shardings(cfg, model_cfg, micro_batch)
+    if model_cfg.moe_exchange == "ragged":  # unproven on GPUs: checked on these devices first
+        err = check_exchange(mesh, rules)
+        if process_index == 0:
+            print(f"[train] moe_exchange ragged agrees with the padded exchange on this mesh "
+                  f"(largest relative difference {err:.1e})", flush=True)
 
     tokenizer = zdata.load_tokenizer(_tokenizer_source(cfg), chat_template=cfg.chat_template)
     train_examples, eval_examples = build_data(cfg, tokenizer, process_index, process_count)

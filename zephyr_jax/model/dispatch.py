@@ -263,8 +263,9 @@ def resolve(name: str, platform: str | None = None, dtype="bfloat16") -> str:
     return auto_impl(platform or jax.default_backend(), dtype)
 
 
-def get_dispatch(name: str) -> DispatchFn:
-    """The `name` implementation, run expert-parallel when traced under an expert-split mesh."""
+def get_dispatch(name: str, exchange: str = "padded") -> DispatchFn:
+    """The `name` implementation, run expert-parallel when traced under an expert-split mesh,
+    with tokens exchanged the `exchange` way (`config.MOE_EXCHANGES`)."""
     if name != "auto" and name not in DISPATCH:
         raise ValueError(f"unknown moe_impl {name!r}; have {sorted(DISPATCH)} and 'auto'")
 
@@ -277,6 +278,6 @@ def get_dispatch(name: str) -> DispatchFn:
         from zephyr_jax.model.expert_parallel import expert_parallel  # it imports this module
 
         return expert_parallel(impl, plan, x_ND, expert_NK, weight_NK, w1_EDF, w3_EDF, w2_EFD,
-                               capacity_factor)
+                               capacity_factor, exchange)
 
     return dispatch

@@ -168,7 +168,7 @@ def _decoder_layer(cfg: MixtralConfig, p: dict, x_BTD, cos_BTH, sin_BTH, mask_BT
 
     h_ND = rms_norm(x_BTD, p["post_attn_norm"], cfg.rms_norm_eps).reshape(B * T, D)
     probs_NE, weight_NK, expert_NK = route(h_ND, p["router"], cfg.num_experts_per_tok)
-    y_ND, dropped = get_dispatch(cfg.moe_impl)(
+    y_ND, dropped = get_dispatch(cfg.moe_impl, cfg.moe_exchange)(
         h_ND, expert_NK, weight_NK, p["w1"], p["w3"], p["w2"], cfg.moe_capacity_factor)
     x_BTD = x_BTD + y_ND.reshape(B, T, D)
 
