@@ -132,6 +132,38 @@ def test_scan_gmm_any_row_tile_and_jit(bm):
         assert _rel_err(g, r) <= 1e-5
 
 
+def test_scan_gmm_on_cpu_multiplies_only_the_tiles_of_routed_rows(monkeypatch):
+    """An expert-parallel receive buffer is mostly rows past the groups (3/4 on 4 x 8); on CPU
+    scan_gmm's loops stop after the last group's tiles: 16 routed rows of 64 in 16-row tiles
+    are 2 work items (the tile two groups share, once per group), so 2 matmuls forward and 2 + 2
+    backward (dx, dw), where a loop over every item (6: 4 tiles + one spare per group) runs 6 and
+    12. Counted as they execute, and the values still those of ragged_dot."""
+    import jax
+    import jax.numpy as jnp
+
+    from zephyr_jax.kernels import scan_gmm
+
+    runs = []
+    einsum = jnp.einsum
+
+    def counting_einsum(*args, **kwargs):
+        jax.debug.callback(lambda: runs.append(1))
+        return einsum(*args, **kwargs)
+
+    monkeypatch.setattr(jnp, "einsum", counting_einsum)
+    sizes = jnp.asarray([10, 6], jnp.int32)
+    x = jax.random.normal(jax.random.key(2), (64, 8))
+    w = jax.random.normal(jax.random.key(3), (2, 8, 16))
+    y = jax.block_until_ready(jax.jit(lambda x, w: scan_gmm(x, w, sizes, bm=16))(x, w))
+    assert len(runs) == 2, len(runs)
+    assert _rel_err(y, jax.lax.ragged_dot(x, w, sizes)) <= 1e-6
+    runs.clear()
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(scan_gmm(x, w, sizes, bm=16))),
+                             argnums=(0, 1)))(x, w)
+    jax.block_until_ready(grads)
+    assert len(runs) == 2 + 2 + 2, len(runs)  # forward again (residual), dx, dw
+
+
 def test_scan_gmm_bfloat16_accumulates_in_float32():
     import jax
     import jax.numpy as jnp

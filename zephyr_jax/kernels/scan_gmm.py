@@ -5,8 +5,9 @@
 Why: XLA:CPU lowers `ragged_dot` to work proportional to every group on every row, so it ran 8x
 (forward) to 11x (backward) slower than an einsum of the same FLOPs on the 2-core CPU
 (docs/PERFORMANCE.md). Here each of the at most M / bm + G work items (`tiling.work_items`) is one
-dense [bm, K] x [K, N] matmul against its group's weights, inside `lax.scan`, so the FLOPs are the
-useful ones plus at most one partial tile per group, at the CPU's dense matmul rate.
+dense [bm, K] x [K, N] matmul against its group's weights, in a loop that stops after the last
+group's items on CPU, so the FLOPs are the useful ones plus at most one partial tile per group,
+at the CPU's dense matmul rate, however many rows past the groups the buffer has.
 
 The VJP is written out rather than derived: autodiff of the forward scan would carry the whole
 [G, K, N] weight cotangent through every iteration; here dx is the same loop against transposed
@@ -53,9 +54,29 @@ def scan_gmm(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *,
 
 
 def _items(group_sizes_G, Mp: int, bm: int):
+    """(starts, ends, group_T, tile_T, n_real): the work items, of which the first n_real cover
+    the groups' rows; the rest (rows past the groups, spare items) would only add zeros."""
     starts, ends = group_bounds(group_sizes_G, Mp)
     group_T, tile_T = work_items(starts, ends, Mp, bm)
-    return starts, ends, group_T, tile_T
+    n_real = jnp.sum(group_T < group_sizes_G.shape[0]).astype(jnp.int32)  # items in group order
+    return starts, ends, group_T, tile_T, n_real
+
+
+def _over_real_items(item, init, items):
+    """`item(carry, (g, t))` over the work items. On CPU over the real ones only: a loop whose
+    trip count is the routed rows' (traced), so the expert-parallel receive buffers' empty tail
+    (3/4 of their rows with 8 experts on 8 devices, top-2) costs no matmul. Elsewhere over all of
+    them: XLA's GPU runtime reads a data-dependent loop's predicate back to the host every
+    iteration, a sync per tile; a static trip count needs none. Not differentiated (the VJP is
+    written out)."""
+    group_T, tile_T, n_real = items[2:]
+    if jax.default_backend() != "cpu":
+        return jax.lax.scan(item, init, (group_T, tile_T))[0]
+
+    def body(i, carry):
+        return item(carry, (group_T[i], tile_T[i]))[0]
+
+    return jax.lax.fori_loop(0, n_real, body, init)
 
 
 def _tile(items, G: int, bm: int, g, t):
@@ -85,7 +106,7 @@ def _loop(lhs_MC, rhs, items, bm: int, *, transpose_rhs: bool):
 
     # zeros_like keeps lhs's shard_map varying axes, which the carry must have (expert parallel)
     out_MO = jnp.zeros_like(lhs_MC, shape=(lhs_MC.shape[0], n_out))
-    return jax.lax.scan(item, out_MO, items[2:])[0]
+    return _over_real_items(item, out_MO, items)
 
 
 def _weight_grad(x_MK, dy_MN, items, G: int, bm: int):
@@ -102,7 +123,7 @@ def _weight_grad(x_MK, dy_MN, items, G: int, bm: int):
         return jax.lax.dynamic_update_index_in_dim(dw_GKN, new_KN, gi, 0), None
 
     dw_GKN = jnp.zeros_like(x_MK, jnp.float32, shape=(G, x_MK.shape[1], dy_MN.shape[1]))
-    return jax.lax.scan(item, dw_GKN, items[2:])[0]
+    return _over_real_items(item, dw_GKN, items)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
