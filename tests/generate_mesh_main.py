@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     prompts, n = spec["prompts"], spec["max_new_tokens"]
     for run, mesh in [(r, m) for r in spec["runs"] for m in r["meshes"]]:
         model = zephyr_jax.from_pretrained(run["folder"], mesh=mesh,
-                                           param_dtype=run["param_dtype"], dtype=run["dtype"])
+                                           param_dtype=run["param_dtype"], dtype=run["dtype"],
+                                           moe_exchange=run.get("moe_exchange", "padded"))
         w1 = model.layers["w1"].value
         greedy = gen.generate_ids(model, prompts, n, temperature=0.0)
         streamed = [col[0] for col in gen.stream_ids(model, prompts[:1], n, temperature=0.0)]
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
         with gen._on_model_mesh(state):
             step_hlo = gen._decode_step.lower(graphdef, state, ds, sampling, eos, pad).as_text()
         print("RESULT " + json.dumps({
-            "folder": run["folder"], "mesh": mesh, "greedy": greedy, "streamed": streamed, "sampled": sampled,
+            "folder": run["folder"], "mesh": mesh, "exchange": model.config.moe_exchange,
+            "greedy": greedy, "streamed": streamed, "sampled": sampled,
             "param_dtype": str(w1.dtype), "w1_spec": _spec(w1),
             "w1_shard_shape": list(w1.addressable_shards[0].data.shape),
             "cache_spec": _spec(ds.cache.k_LBSKH), "cache_spec_batch1": _spec(ds1.cache.k_LBSKH),

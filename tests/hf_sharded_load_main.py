@@ -80,7 +80,13 @@ def main(argv=None) -> int:
             np.testing.assert_array_equal(np.asarray(shard.data),
                                           want[k][shard.index].astype(x.dtype), err_msg=k)
             shards += 1
+    # The ragged expert exchange's pre-run check (emulated ragged_all_to_all on CPU) on a mesh
+    # spanning both processes: each process makes the same inputs inside the jitted check.
+    from zephyr_jax.model.expert_parallel import check_exchange
+
+    exchange_err = check_exchange(mesh)
     print("RESULT " + json.dumps({
+        "exchange_err": exchange_err,
         "process": jax.process_index(), "read": sorted(set(read)), "reads": len(read),
         "sharded_peak": sharded_peak, "whole_peak": whole_peak, "shards_checked": shards,
         "model_bytes": sum(v.nbytes for v in want.values())}), flush=True)

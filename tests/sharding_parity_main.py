@@ -131,6 +131,8 @@ def main(argv=None) -> int:
         }
     result["dispatch"] = _dispatch_checks(mesh, args.impls.split(","), args.ragged_exchange)
     result["emulated_ragged_all_to_all_example"] = _emulated_ragged_all_to_all_example()
+    if args.ragged_exchange:
+        result["check_exchange"] = _check_exchange_catches_a_bad_exchange(mesh)
     print("RESULT " + json.dumps(result))
     return 0
 
@@ -235,6 +237,30 @@ def _dispatch_checks(mesh, impls, with_ragged_exchange: bool):
         y_err = float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y)))
         out[f"random_N_not_divisible/{impl}"] = [y_err, g_err, int(dropped), 0]
     return out
+
+
+def _check_exchange_catches_a_bad_exchange(mesh):
+    """`check_exchange` on this mesh: its error with the exchange as it is, and its message with
+    the outbound trips' receive sizes one short (the last row from each sender not written: a
+    wrong exchange it must refuse)."""
+    from zephyr_jax.model import expert_parallel as ep
+
+    good = ep.check_exchange(mesh)
+    emulated = ep.emulated_ragged_all_to_all
+
+    def off_by_one(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis):
+        return emulated(operand, output, input_offsets, send_sizes, output_offsets,
+                        recv_sizes - (operand.shape[0] < output.shape[0]), axis)
+
+    ep.emulated_ragged_all_to_all = off_by_one
+    try:
+        ep.check_exchange(mesh)
+        caught = None
+    except RuntimeError as e:
+        caught = str(e)
+    finally:
+        ep.emulated_ragged_all_to_all = emulated
+    return {"error": good, "caught": caught}
 
 
 def _emulated_ragged_all_to_all_example():

@@ -3,7 +3,7 @@
 that mesh by themselves, expert-parallel when the mesh splits the experts.
 
 float32: greedy tokens equal transformers' `generate` (the same parity as the one-device
-tests), and seeded sampling equals one device's. bfloat16 (weights stored and run in
+tests), and seeded sampling equals one device's, with either expert-parallel exchange. bfloat16 (weights stored and run in
 bf16, as Zephyr-141B is served): every greedy token is transformers' bf16 argmax at that
 position, teacher-forced, or within bf16 rounding of it (see the test's tolerance).
 """
@@ -55,6 +55,9 @@ def runs(tmp_path_factory):
     spec = root / "spec.json"
     spec.write_text(json.dumps({"prompts": PROMPTS, "max_new_tokens": N_NEW, "seed": 3, "runs": [
         {"folder": folders[0], "meshes": MESHES, "param_dtype": "float32", "dtype": "float32"},
+        # the expert-parallel exchange with ragged_all_to_all (emulated on CPU), decode steps too
+        {"folder": folders[0], "meshes": MESHES, "param_dtype": "float32", "dtype": "float32",
+         "moe_exchange": "ragged"},
         {"folder": folders[1], "meshes": MESHES[:1], "param_dtype": "auto", "dtype": "bfloat16"},
     ]}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
@@ -74,7 +77,8 @@ def test_float32_on_meshes_equals_transformers(runs):
     want = _hf_greedy(hf, PROMPTS, N_NEW)
     one = zephyr_jax.from_pretrained(folder)
     sampled = generate_ids(one, PROMPTS, N_NEW, temperature=0.8, seed=3)
-    assert [r["mesh"] for r in results] == MESHES
+    assert [(r["mesh"], r["exchange"]) for r in results] == [
+        (m, x) for x in ("padded", "ragged") for m in MESHES]
     for r in results:
         assert r["greedy"] == want, r["mesh"]
         assert r["streamed"] == want[0], r["mesh"]

@@ -76,6 +76,10 @@ def _check(result: dict, expert_size: int, data_size: int, ragged_exchange: bool
                                                  "random") for i in ("dense", "ragged", "scan")
             } | {"random_N_not_divisible/ragged/ragged_exchange"} <= set(result["dispatch"])
     assert result["emulated_ragged_all_to_all_example"] == [[1, 3, 0, 0], [2, 2, 4, 0]]
+    # the trainer's pre-run check: passes as it is (bit-equal here), refuses a broken exchange
+    check = result["check_exchange"]
+    assert check["error"] <= TOL, check
+    assert check["caught"] and "use moe_exchange: padded" in check["caught"], check
 
 
 def test_8_devices_data2_expert4_matches_single_device():

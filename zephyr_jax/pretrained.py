@@ -32,7 +32,9 @@ def from_pretrained(path: str | os.PathLike, mesh=None, **runtime: Any) -> Mixtr
     `mesh` (a `jax.sharding.Mesh`, a `sharding.MeshConfig`, or a `--mesh` string such as
     "expert=8" or "data=2,expert=4") places every parameter straight onto its devices by the
     default sharding rules (experts split over `expert`, the rest FSDP), for models too large for
-    one device; `generate` then runs expert-parallel on that mesh by itself.
+    one device; `generate` then runs expert-parallel on that mesh by itself. With
+    `moe_exchange="ragged"` the exchange is first compared with the padded one on the mesh
+    (`expert_parallel.check_exchange`), as the trainer does.
     """
     shardings = None
     if mesh is not None:
@@ -41,6 +43,10 @@ def from_pretrained(path: str | os.PathLike, mesh=None, **runtime: Any) -> Mixtr
         mesh = as_mesh(mesh)
         cfg = config_of(path, **runtime)
         shardings = zs.params_dict_shardings(cfg, mesh)
+        if cfg.moe_exchange == "ragged":  # unproven on GPUs: checked on these devices first
+            from zephyr_jax.model.expert_parallel import check_exchange
+
+            check_exchange(mesh)
     return model_from_params(*load_params(path, shardings=shardings, **runtime))
 
 
