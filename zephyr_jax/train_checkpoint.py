@@ -22,13 +22,24 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class TrainCheckpointer:
-    def __init__(self, output_dir: str, save_total_limit: int | None = None):
+    """`async_save`: `save` returns once the state is copied to host memory (orbax copies every
+    array before returning, so the train step may donate the state's buffers right after) and a
+    background thread writes it; the next `save`, `wait` or `close` waits for that write and
+    raises its error. A step whose write had not finished when the process died is absent
+    (orbax renames a step into place only when complete), so a resume starts from the one
+    before. Saving Mixtral-8x22B's state is ~196 GB per host on 4 x 8: minutes of idle GPUs per
+    save when waited for."""
+
+    def __init__(self, output_dir: str, save_total_limit: int | None = None,
+                 async_save: bool = False):
         self.directory = os.path.abspath(os.path.join(output_dir, CHECKPOINT_SUBDIR))
+        self.async_save = async_save
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=save_total_limit, create=True,
-                                                 enable_async_checkpointing=False),
+                                                 enable_async_checkpointing=async_save),
         )
+        self._closed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -43,8 +54,13 @@ class TrainCheckpointer:
             opt_state=ocp.args.StandardSave(state.opt_state),
             meta=ocp.args.JsonSave(meta),
         ), force=True)
-        self.manager.wait_until_finished()
+        if not self.async_save:
+            self.manager.wait_until_finished()
         return step
+
+    def wait(self) -> None:
+        """Until the last save is on disk (its error, if it failed, is raised here)."""
+        self.manager.wait_until_finished()
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
         """Restore onto the shardings and dtypes of `abstract_state` (ShapeDtypeStructs are fine)."""
@@ -65,4 +81,7 @@ class TrainCheckpointer:
         return state, out.meta
 
     def close(self) -> None:
-        self.manager.close()
+        """Wait for a save in flight, then release the manager; a second call does nothing."""
+        if not self._closed:
+            self._closed = True
+            self.manager.close()

@@ -70,6 +70,9 @@ class TrainConfig:
     save_strategy: str = "steps"
     save_steps: int = 500
     save_total_limit: int | None = None
+    # here: not a HF key. Checkpoints are copied to host memory and written by a background
+    # thread while training goes on (orbax async); false waits for each write.
+    async_checkpointing: bool = True
     report_to: tuple = ("tensorboard",)
     export_hf: bool = False
     loss_chunk_size: int = 512

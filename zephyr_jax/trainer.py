@@ -217,7 +217,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     with sharding.use_mesh(mesh, rules):  # the MoE picks expert parallelism at trace time
         abstract_state, s_shard, train_step, eval_step = sharded_steps(
             cfg, model_cfg, abstract_params, tx, schedule, mesh, p_shard)
-        ckpt = TrainCheckpointer(cfg.output_dir, cfg.save_total_limit)
+        ckpt = TrainCheckpointer(cfg.output_dir, cfg.save_total_limit, cfg.async_checkpointing)
         resumed = ckpt.latest_step()
         if resumed is not None:
             target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -232,9 +232,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             params = build_params(cfg, model_cfg, p_shard)
             state = jax.jit(lambda p: create_train_state(p, tx), out_shardings=s_shard)(params)
             del params
-        return _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_step,
-                     eval_examples, tokenizer, steps_per_epoch, total_steps, accum, resumed,
-                     n_devices, process_index, process_count, t_start)
+        try:
+            return _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_step,
+                         eval_examples, tokenizer, steps_per_epoch, total_steps, accum, resumed,
+                         n_devices, process_index, process_count, t_start)
+        finally:  # a save still being written (async) finishes before the process ends
+            ckpt.close()
 
 
 def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_step, eval_examples,
@@ -276,6 +279,7 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
             metrics = jax.device_get(metrics)
             step += 1
             if not metrics.pop("finite"):
+                ckpt.wait()  # a save in flight lands first, so the step named below is on disk
                 raise TrainingError(
                     f"step {step}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite; "
                     f"stopping. The update was not applied; the last good checkpoint in "
