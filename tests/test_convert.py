@@ -168,6 +168,38 @@ def test_shards_respect_max_shard_size(tmp_path):
     assert_bitwise_equal(tmp_path / "one", tmp_path / "out")
 
 
+def test_parts_written_apart_make_the_same_folder(tmp_path, monkeypatch):
+    """`--part I/N` (the trainer's multi-host export: one part per process): three parts written
+    one after another into one folder give the files of the whole export byte for byte, and a
+    part reads only the layers its shards hold."""
+    src = save_hf(make_hf_model(num_hidden_layers=4), tmp_path / "hf")
+    _run("hf-to-jax", "--hf", src, "--out", str(tmp_path / "ckpt"))
+    ckpt, whole, parts = str(tmp_path / "ckpt"), tmp_path / "whole", tmp_path / "parts"
+    _run("jax-to-hf", "--ckpt", ckpt, "--out", str(whole), "--max-shard-size", "12KB")
+    parts.mkdir()
+    layers_read = []
+    plain_read = mc.ParamsReader.read
+
+    def counting_read(self, key, layer=None):
+        layers_read[-1].add(layer)
+        return plain_read(self, key, layer)
+
+    monkeypatch.setattr(mc.ParamsReader, "read", counting_read)
+    for i in range(3):
+        layers_read.append(set())
+        _run("jax-to-hf", "--ckpt", ckpt, "--out", str(parts), "--max-shard-size", "12KB",
+             "--part", f"{i}/3")
+    assert sorted(os.listdir(parts)) == sorted(os.listdir(whole))
+    for name in os.listdir(whole):
+        assert (parts / name).read_bytes() == (whole / name).read_bytes(), name
+    assert len(shard_files(whole)) >= 6
+    for seen in layers_read:  # each part a run of the 4 layers, not all of them
+        assert 0 < len(seen - {None}) < 4, layers_read
+    assert set().union(*layers_read) == {None, 0, 1, 2, 3}
+    assert main(["jax-to-hf", "--ckpt", ckpt, "--out", str(tmp_path / "none"), "--part", "0/2",
+                 "--quiet"]) == 1  # the shared folder must exist
+
+
 def test_progress_bar_counts_tensors_and_bytes(tmp_path, capsys):
     src = save_hf(make_hf_model(), tmp_path / "hf")
     assert main(["hf-to-jax", "--hf", src, "--out", str(tmp_path / "ckpt")]) == 0

@@ -29,6 +29,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--part {text!r}: need 0 <= I < N")
+    return i, n
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m zephyr_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "(default: those in --ckpt)")
     b.add_argument("--fused-experts", action="store_true",
                    help="write transformers 5's fused mlp.experts.* tensors, not per-expert ones")
+    b.add_argument("--part", type=_part, metavar="I/N",
+                   help="write only the I-th (from 0) of N runs of shard files into --out, which "
+                        "must exist; N writers (processes, machines) each run one part, part 0 "
+                        "also writes the index, config and tokenizer; rename --out when all are done")
     for s in (a, b):
         s.add_argument("--dtype", choices=DTYPES, help="convert weights (default: keep source dtypes)")
         s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -61,7 +75,8 @@ def main(argv=None) -> int:
         else:
             jax_to_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size,
                       tokenizer=args.tokenizer, fused_experts=args.fused_experts,
-                      overwrite=args.overwrite, dtype=args.dtype, progress=not args.quiet)
+                      overwrite=args.overwrite, dtype=args.dtype, progress=not args.quiet,
+                      part=args.part)
     except (CheckpointError, ModelCheckpointError, ConfigError, FileExistsError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

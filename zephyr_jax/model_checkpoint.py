@@ -125,11 +125,19 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[str]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out)
+
+
+def replace_dir(src: str, out: str) -> None:
+    """Rename the finished folder `src` to `out` (a sibling), replacing whatever was at `out`; the
+    old one is moved aside first and removed only after the rename."""
+    out = os.path.abspath(os.fspath(out))
+    parent, base = os.path.split(out)
     old = None
     if os.path.exists(out):
         old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
         os.rename(out, os.path.join(old, base))
-    os.rename(tmp, out)
+    os.rename(src, out)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from zephyr_jax.config import CONFIG_DIR, ConfigError, MixtralConfig
+from zephyr_jax.hf_io.safetensors_io import parse_size
 
 SCHEDULERS = ("inverse_sqrt", "linear", "cosine", "constant", "constant_with_warmup")
 # HF `optim` values we accept; all run optax AdamW (see README: adamw_bnb_8bit is approximated by
@@ -75,6 +76,7 @@ class TrainConfig:
     async_checkpointing: bool = True
     report_to: tuple = ("tensorboard",)
     export_hf: bool = False
+    export_max_shard_size: str = "5GB"  # here: save_pretrained's max_shard_size for export_hf
     loss_chunk_size: int = 512
     # --- scale ---
     mesh: dict = dataclasses.field(default_factory=dict)
@@ -133,6 +135,10 @@ class TrainConfig:
         need(set(self.report_to) <= {"tensorboard", "jsonl", "none"}, "report_to",
              "supports tensorboard (metrics.jsonl is always written)")
         need(not self.push_to_hub, "push_to_hub", "is not supported; export with --export_hf")
+        try:
+            parse_size(self.export_max_shard_size)
+        except (ValueError, AttributeError):
+            need(False, "export_max_shard_size", "must be a size such as 5GB, 500MB or 2GiB")
 
     def model_config(self) -> MixtralConfig:
         """The MixtralConfig of a random-init run (pretrained runs read config.json instead)."""

@@ -330,34 +330,52 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
 
 def _export_hf(cfg, model_cfg, state, tokenizer, process_index: int, process_count: int) -> str:
     """`output_dir/hf`. One process: from the params in memory. Several: the params span hosts,
-    so process 0 streams the final checkpoint (which all of them wrote) layer by layer in a
-    single-process CPU subprocess (`zephyr_jax.convert`), while the others wait."""
+    so each process converts its part of the shard files from the final checkpoint (which all
+    of them wrote), layer by layer, in a single-process CPU subprocess (`zephyr_jax.convert
+    --part I/N`) into one shared staging folder, which process 0 renames into place once every
+    part succeeded (or removes, leaving any earlier export as it was)."""
     export_dir = os.path.join(cfg.output_dir, "hf")
     if process_count == 1:
         from zephyr_jax.pretrained import save_pretrained
 
         save_pretrained(jax.device_get(state.params), export_dir, config=model_cfg, format="hf",
-                        tokenizer=tokenizer, overwrite=True)
+                        tokenizer=tokenizer, overwrite=True,
+                        max_shard_size=cfg.export_max_shard_size)
         return export_dir
-    failed = None
+    import shutil
+    import subprocess
+    import tempfile
+
+    from zephyr_jax.model_checkpoint import replace_dir, save_tokenizer
+
+    staging = os.path.join(cfg.output_dir, ".hf.export-partial")  # the same path on every host
     if process_index == 0:
-        import subprocess
-        import tempfile
-
-        from zephyr_jax.model_checkpoint import save_tokenizer
-
-        with tempfile.TemporaryDirectory(dir=cfg.output_dir) as tok_dir:
+        shutil.rmtree(staging, ignore_errors=True)  # a killed export's leftovers
+        os.makedirs(staging)
+    barrier("export_hf_start")
+    cmd = [sys.executable, "-m", "zephyr_jax.convert", "jax-to-hf", "--ckpt", cfg.output_dir,
+           "--out", staging, "--max-shard-size", str(cfg.export_max_shard_size), "--part",
+           f"{process_index}/{process_count}", "--quiet"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the accelerators belong to this run
+    with tempfile.TemporaryDirectory(dir=cfg.output_dir) as tok_dir:
+        if process_index == 0:  # part 0 writes the tokenizer with the config and index
             save_tokenizer(tokenizer, tok_dir)
-            env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the accelerators belong to this run
-            proc = subprocess.run([sys.executable, "-m", "zephyr_jax.convert", "jax-to-hf",
-                                   "--ckpt", cfg.output_dir, "--out", export_dir, "--tokenizer",
-                                   tok_dir, "--overwrite", "--quiet"], env=env)
-        if proc.returncode:
-            failed = (f"export_hf: `python -m zephyr_jax.convert jax-to-hf --ckpt {cfg.output_dir}"
-                      f" --out {export_dir}` failed (exit {proc.returncode}); the checkpoint is intact")
-    barrier("export_hf")  # after the failure check: the other hosts must not wait forever
+            cmd += ["--tokenizer", tok_dir]
+        returncode = subprocess.run(cmd, env=env).returncode
+    failed = any_process(returncode != 0)  # every process learns whether all parts made it
+    if process_index == 0:
+        if failed:
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            replace_dir(staging, export_dir)
+    barrier("export_hf")
     if failed:
-        raise TrainingError(failed)
+        here = (f"failed here (exit {returncode})" if returncode else
+                "succeeded here, another process's part failed")
+        raise TrainingError(
+            f"export_hf: part {process_index}/{process_count} of `python -m zephyr_jax.convert "
+            f"jax-to-hf --ckpt {cfg.output_dir} --out {staging}` {here}; the checkpoint is intact"
+            f" and {export_dir} unchanged")
     return export_dir
 
 

@@ -13,6 +13,7 @@ being written is held.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -240,7 +241,11 @@ class ShardedWriter:
     """
 
     def __init__(self, folder: str, plan: list[PlannedTensor], max_shard_size: int | str,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, files: range | None = None,
+                 write_index: bool = True):
+        """`files`: the shards this writer writes (indices into `self.files`; default all); the
+        tensors of the others are passed over (`write(name, None)`), so several writers, e.g. one
+        per process, can share one folder. `write_index`: whether this one writes the index."""
         if sys.byteorder != "little":  # safetensors is little-endian; we write raw bytes
             raise RuntimeError("writing safetensors needs a little-endian host")
         self.folder = folder
@@ -260,11 +265,21 @@ class ShardedWriter:
         self.files = ([SINGLE_FILE] if n == 1 else
                       [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self._shards = shards
+        self._shard_of = [i for i, shard in enumerate(shards) for _ in shard]  # plan order
+        self.mine = range(n) if files is None else files
+        self.write_index = write_index
         self._next = 0  # index into plan
         self._shard = -1
         self._fh = None
-        self._left_in_shard = 0
         self.bytes_written = 0
+
+    def wants(self, name: str) -> bool:
+        """Whether `name` (a planned tensor) goes into one of this writer's shards."""
+        return self._shard_of[self._index[name]] in self.mine
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {t.name: i for i, t in enumerate(self.plan)}
 
     def _start_shard(self, i: int) -> None:
         header: dict = {"__metadata__": self.metadata}
@@ -279,24 +294,29 @@ class ShardedWriter:
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
         self._shard = i
-        self._left_in_shard = len(self._shards[i])
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def write(self, name: str, array: np.ndarray | None) -> None:
+        """The next planned tensor; None for one of another writer's shards (`wants` is False)."""
         if self._next >= len(self.plan):
             raise ValueError(f"tensor {name!r} is not in the write plan (all tensors written)")
         t = self.plan[self._next]
         if name != t.name:
             raise ValueError(f"expected tensor {t.name!r} next, got {name!r}")
+        shard = self._shard_of[self._next]
+        self._next += 1
+        if shard not in self.mine:
+            return
+        if array is None:
+            raise ValueError(f"tensor {name!r}: no data, and it belongs to this writer's shard "
+                             f"{self.files[shard]}")
         if tuple(array.shape) != t.shape or np.dtype(array.dtype) != np.dtype(t.dtype):
             raise ValueError(f"tensor {name!r}: planned {np.dtype(t.dtype)}{t.shape}, "
                              f"got {array.dtype}{tuple(array.shape)}")
-        if self._left_in_shard == 0:
+        if shard != self._shard:
             if self._fh is not None:
                 self._fh.close()
-            self._start_shard(self._shard + 1)
+            self._start_shard(shard)
         self._fh.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
-        self._left_in_shard -= 1
-        self._next += 1
         self.bytes_written += t.nbytes
 
     def close(self) -> None:
@@ -307,7 +327,7 @@ class ShardedWriter:
         if self._next != len(self.plan):
             raise ValueError(f"only {self._next} of {len(self.plan)} planned tensors were written; "
                              f"next was {self.plan[self._next].name!r}")
-        if len(self.files) > 1:
+        if len(self.files) > 1 and self.write_index:
             weight_map = {t.name: self.files[i] for i, shard in enumerate(self._shards) for t in shard}
             index = {"metadata": {"total_size": sum(t.nbytes for t in self.plan),
                                   "total_parameters": sum(math.prod(t.shape) for t in self.plan)},

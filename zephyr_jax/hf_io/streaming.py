@@ -178,12 +178,16 @@ def write_hf(out: str | os.PathLike, cfg: MixtralConfig, leaf_dtypes: dict[str, 
              produce: Callable[[int | None, list[str]], dict[str, np.ndarray]], *,
              fused_experts: bool = False, max_shard_size: int | str = "5GB", dtype=None,
              tokenizer=None, sidecar_dirs: tuple[str, ...] = (), overwrite: bool = False,
-             progress: bool = False) -> None:
+             progress: bool = False, part: tuple[int, int] | None = None) -> None:
     """Write a HF folder from our params, pulled one group at a time with `produce(layer, names)`.
 
     tokenizer: a tokenizer object (`save_pretrained(dir)`) or a folder of tokenizer files.
     sidecar_dirs: folders whose tokenizer files / generation_config.json are copied when present
         (first wins; an explicit `tokenizer` wins over them).
+    part: (i, n) writes only the i-th of n contiguous runs of the shard files, straight into the
+        existing folder `out` (no staging: the caller renames it when all n parts are done), and
+        reads only the layers they hold; part 0 also writes the index, config, tokenizer and
+        generation config. n writers (processes, machines) then share one export.
     """
     layout = "fused" if fused_experts else mapping.DEFAULT_LAYOUT
     dtype = parse_dtype(dtype)
@@ -191,17 +195,27 @@ def write_hf(out: str | os.PathLike, cfg: MixtralConfig, leaf_dtypes: dict[str, 
     plan = [PlannedTensor(name, shape, dtype or hf_dtypes[name])
             for g in mapping.groups(cfg)
             for name, shape in mapping.group_names(cfg, layout, g).items()]
-    by_name = {t.name: t for t in plan}
     out_dtype = dtype or np.dtype(leaf_dtypes["embed"])
-    with mc.staged_dir(out, overwrite) as tmp:
-        writer = ShardedWriter(tmp, plan, max_shard_size)
-        bar = _Progress("jax-to-hf", sum(t.nbytes for t in plan), len(plan), progress)
+
+    def fill(folder: str, files: range | None, extras: bool) -> None:
+        writer = ShardedWriter(folder, plan, max_shard_size, files=files, write_index=extras)
+        by_name = {t.name: t for t in plan}
+        mine = [t for t in plan if writer.wants(t.name)]
+        bar = _Progress("jax-to-hf", sum(t.nbytes for t in mine), len(mine), progress)
         try:
             for g in mapping.groups(cfg):
+                names = mapping.group_names(cfg, layout, g)
+                if not any(writer.wants(n) for n in names):  # another part's layer: not read
+                    for name in names:
+                        writer.write(name, None)
+                    continue
                 ours = produce(g, mapping.group_leaves(cfg, layout, g))
                 for name, x in mapping.group_to_hf(cfg, layout, g, ours):
-                    writer.write(name, x.astype(by_name[name].dtype, copy=False))
-                    bar.done(name, by_name[name].nbytes)
+                    if writer.wants(name):
+                        writer.write(name, x.astype(by_name[name].dtype, copy=False))
+                        bar.done(name, by_name[name].nbytes)
+                    else:
+                        writer.write(name, None)
                 del ours
             writer.close()
         except BaseException:
@@ -209,29 +223,46 @@ def write_hf(out: str | os.PathLike, cfg: MixtralConfig, leaf_dtypes: dict[str, 
             raise
         finally:
             bar.close()
-        mc.write_config(tmp, cfg.replace(param_dtype=dtype_name(out_dtype)))
+        if not extras:
+            return
+        mc.write_config(folder, cfg.replace(param_dtype=dtype_name(out_dtype)))
         copied: list[str] = []
         for d in sidecar_dirs:
             want = [n for n in (*TOKENIZER_FILES, GENERATION_CONFIG)
                     if n not in copied and not (tokenizer is not None and n in TOKENIZER_FILES)]
-            copied += _copy_sidecars(d, tmp, want)
+            copied += _copy_sidecars(d, folder, want)
         if tokenizer is not None:
-            mc.save_tokenizer(tokenizer, tmp)
+            mc.save_tokenizer(tokenizer, folder)
         if GENERATION_CONFIG not in copied:
-            with open(os.path.join(tmp, GENERATION_CONFIG), "w") as fh:
+            with open(os.path.join(folder, GENERATION_CONFIG), "w") as fh:
                 json.dump(_generation_config(cfg), fh, indent=2)
                 fh.write("\n")
+
+    if part is None:
+        with mc.staged_dir(out, overwrite) as tmp:
+            fill(tmp, None, True)
+        return
+    i, n = part
+    if not 0 <= i < n:
+        raise ValueError(f"part {i}/{n}: need 0 <= i < n")
+    folder = os.fspath(out)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: the folder the parts share must exist")
+    n_files = len(ShardedWriter(folder, plan, max_shard_size).files)
+    fill(folder, range(i * n_files // n, (i + 1) * n_files // n), i == 0)
 
 
 def jax_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, max_shard_size: int | str = "5GB",
               tokenizer: str | os.PathLike | None = None, fused_experts: bool = False,
-              overwrite: bool = False, dtype=None, progress: bool = False) -> MixtralConfig:
+              overwrite: bool = False, dtype=None, progress: bool = False,
+              part: tuple[int, int] | None = None) -> MixtralConfig:
     """Convert a model checkpoint (or a trainer output_dir's latest step) into a HF folder that
     `transformers.AutoModelForCausalLM.from_pretrained` loads, one layer at a time.
 
     tokenizer: a folder whose tokenizer files are copied; default: those in the checkpoint folder.
     fused_experts: write transformers 5's fused expert tensors instead of per-expert ones.
     dtype: default keeps the stored dtypes (bitwise round trips).
+    part: (i, n): only the i-th of n runs of shard files, into the existing folder `out` (`write_hf`).
     """
     if tokenizer is not None and not any(
             os.path.isfile(os.path.join(os.fspath(tokenizer), n)) for n in TOKENIZER_FILES):
@@ -242,7 +273,7 @@ def jax_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, max_shard_size
                  lambda layer, keys: {k: reader.read(k, layer) for k in keys},
                  fused_experts=fused_experts, max_shard_size=max_shard_size, dtype=dtype,
                  tokenizer=tokenizer, sidecar_dirs=(reader.location.root,), overwrite=overwrite,
-                 progress=progress)
+                 progress=progress, part=part)
     return reader.cfg
 
 
