@@ -115,6 +115,41 @@ def test_two_processes_train_like_one(tmp_path):
     assert "[train] exported" not in open(logs[2]).read()
 
 
+def test_a_failed_export_part_fails_both_and_keeps_the_previous_export(tmp_path):
+    """Process 1's converter part dies (a `sitecustomize` on its PYTHONPATH exits the converter
+    only): both processes stop with the error, the staging folder is gone, and the export that
+    was there before (a marker file here) is untouched; the checkpoint is intact."""
+    out, port = tmp_path / "run", _free_port()
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "earlier.txt").write_text("an earlier export")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text(
+        "import os, sys\nif 'jax-to-hf' in sys.argv:\n    os._exit(7)\n")
+    logs = [str(tmp_path / f"p{i}.log") for i in range(2)]
+    args = ["--max_steps", "1"]
+    procs = []
+    for i in range(2):
+        if i == 1:
+            os.environ["PYTHONPATH"], saved = str(broken), os.environ.get("PYTHONPATH")
+        try:
+            procs.append(_start(str(out), 4, f"{{coordinator_address: '127.0.0.1:{port}', "
+                                f"num_processes: 2, process_id: {i}}}", logs[i], args))
+        finally:
+            if i == 1:
+                os.environ.pop("PYTHONPATH")
+                if saved is not None:
+                    os.environ["PYTHONPATH"] = saved
+    codes = [p.wait(timeout=600) for p in procs]
+    texts = [open(log).read() for log in logs]
+    assert codes == [2, 2], (codes, texts[0][-2000:], texts[1][-2000:])
+    assert "another process's part failed" in texts[0], texts[0][-2000:]
+    assert "part 1/2" in texts[1] and "failed here (exit 7)" in texts[1], texts[1][-2000:]
+    assert os.listdir(out / "hf") == ["earlier.txt"]
+    assert not (out / ".hf.export-partial").exists()
+    assert os.listdir(out / "checkpoints") == ["1"]
+
+
 @pytest.mark.slow
 def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path):
     """SLURM may deliver SIGTERM to the hosts a step apart: they must agree, save one checkpoint
