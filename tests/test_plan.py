@@ -19,7 +19,13 @@ import pytest
 
 from zephyr_jax.config import ConfigError, MixtralConfig
 from zephyr_jax.gpu_aot import cuda_plugin_installed
-from zephyr_jax.plan import analytic_flops, hlo_dot_flops, mesh_devices, resolve_model_config
+from zephyr_jax.plan import (
+    analytic_flops,
+    hlo_collectives,
+    hlo_dot_flops,
+    mesh_devices,
+    resolve_model_config,
+)
 from zephyr_jax.sharding import ShardingError
 from zephyr_jax.train_config import load_train_config
 
@@ -109,6 +115,56 @@ def test_lm_head_is_gathered_once_per_step_on_h100s(tmp_path):
     proc, r = _plan_cli(*TINY_PLAN, "--target", "h100", "--dump_hlo", str(hlo))
     assert r is not None, proc.stdout + proc.stderr
     _assert_lm_head_gathered_once(hlo.read_text(), gpu=True)
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax's CUDA plugin")
+def test_overlap_collectives_makes_the_fsdp_collectives_asynchronous_on_h100s(tmp_path):
+    """`overlap_collectives` (default true) compiles the train step with XLA's collective
+    pipelining and loop double-buffering: the tiny step for 4 H100s gets twice the asynchronous
+    all-gathers / reduce-scatters (measured 10 against 5; the 141B step on 4 x 8: 61 against 1)."""
+    def async_fsdp(*extra: str) -> int:
+        hlo = tmp_path / "step.hlo"
+        proc, r = _plan_cli(*TINY_PLAN, "--target", "h100", "--dump_hlo", str(hlo), *extra)
+        assert r is not None, proc.stdout + proc.stderr
+        return len(re.findall(r" (?:all-gather|reduce-scatter)-start\(", hlo.read_text()))
+
+    assert async_fsdp() > async_fsdp("--overlap_collectives", "false")
+
+
+def test_overlap_options_are_ones_this_xla_accepts():
+    from zephyr_jax.trainer import OVERLAP_COMPILER_OPTIONS, overlap_compiler_options
+
+    options = overlap_compiler_options()
+    assert options in [dict(o) for o in OVERLAP_COMPILER_OPTIONS], options
+
+
+def test_hlo_collectives_counts_loop_trips_and_sizes():
+    """Collectives per step from a compiled module's text: a loop's body counts its trip count
+    times; a collective's bytes are its largest array (operand or result), nested tuple types
+    and memory-space layouts included."""
+    hlo = """HloModule m
+
+%body (p: (s32[], bf16[8,64])) -> (s32[], bf16[8,64]) {
+  %p = (s32[], bf16[8,64]) parameter(0)
+  %x = bf16[8,64]{1,0} get-tuple-element(%p), index=1
+  %ag = ((bf16[2,64]{1,0}), bf16[8,64]{1,0:S(1)}) all-gather-start(%x), dimensions={0}
+  %agd = bf16[8,64]{1,0} all-gather-done(%ag)
+  %rs = bf16[2,64]{1,0} reduce-scatter(%agd), dimensions={0}, to_apply=%add
+  ROOT %t = (s32[], bf16[8,64]) tuple(%i, %agd)
+}
+
+ENTRY %main (a: bf16[8,64]) -> bf16[8,64] {
+  %a = bf16[8,64]{1,0} parameter(0)
+  %w = (s32[], bf16[8,64]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"7"}}
+  %ar = f32[16]{0} all-reduce(%v), to_apply=%add
+  ROOT %o = bf16[8,64]{1,0} all-to-all(%a), dimensions={0}
+}
+"""
+    got = hlo_collectives(hlo)
+    assert got == {"all-gather": {"count": 7.0, "bytes": 7 * 8 * 64 * 2.0},
+                   "reduce-scatter": {"count": 7.0, "bytes": 7 * 8 * 64 * 2.0},
+                   "all-reduce": {"count": 1.0, "bytes": 64.0},
+                   "all-to-all": {"count": 1.0, "bytes": 8 * 64 * 2.0}}, got
 
 
 def test_hlo_dot_flops_counts_loop_trips():

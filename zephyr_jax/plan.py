@@ -147,15 +147,19 @@ def analytic_flops(model_cfg, sequences: int, length: int) -> dict:
 
 
 _HLO_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
-_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+?)(?:\{[^}]*\})? ([\w\-]+)\((.*)$")
+# result types: an array, or a tuple nesting tuples and layouts such as {1,0:S(1)} (3 deep)
+_HLO_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%([\w.\-]+) = (\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\)|\S+?)(?:\{[^}]*\})? "
+    r"([\w\-]+)\((.*)$")
 
 
-def hlo_dot_flops(hlo_text: str) -> float:
-    """FLOPs of the dots in a compiled HLO module (2 x output elements x contracted size), with
-    while loops counted `known_trip_count` times. XLA's own `cost_analysis()` counts a loop
-    body once, i.e. one layer of a scanned model; this counts all of them."""
+def _loop_totals(hlo_text: str, measure) -> dict[str, float]:
+    """Sum `measure(name, op, result_type, rest, dims, types) -> {key: amount}` over a compiled HLO
+    module's instructions, with while loops counted `known_trip_count` times (once where unknown),
+    conditionals by their largest branch, and called computations (fusions, maps) inlined."""
     comps: dict[str, list] = {}
-    dims: dict[str, list[int]] = {}
+    dims: dict[str, list[int]] = {}  # and `types`: every instruction's result type, by name
+    types: dict[str, str] = {}
     entry, cur = None, None
     for line in hlo_text.splitlines():
         m = _HLO_COMPUTATION.match(line)
@@ -166,36 +170,89 @@ def hlo_dot_flops(hlo_text: str) -> float:
         m = _HLO_INSTRUCTION.match(line)
         if m and cur is not None:
             name, typ, op, rest = m.groups()
+            types[name] = typ
             shape = re.match(r"^[a-z0-9]+\[([0-9,]*)\]", typ)
             if shape:
                 dims[name] = [int(d) for d in shape.group(1).split(",") if d]
-            cur.append((name, op, rest))
-    memo: dict[str, float] = {}
+            cur.append((name, op, typ, rest))
+    memo: dict[str, dict[str, float]] = {}
 
-    def total(comp: str) -> float:
+    def add(into: dict, more: dict, times: float = 1.0) -> None:
+        for k, v in more.items():
+            into[k] = into.get(k, 0.0) + v * times
+
+    def total(comp: str) -> dict[str, float]:
         if comp not in memo:
-            memo[comp] = 0.0  # recursion guard
-            flops = 0.0
-            for name, op, rest in comps.get(comp, []):
-                if op == "dot":
-                    lhs = re.match(r"%([\w.\-]+)", rest).group(1)
-                    cd = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-                    k = math.prod(dims[lhs][int(i)] for i in cd.group(1).split(",") if i) if cd else 1
-                    flops += 2.0 * math.prod(dims[name]) * k
-                elif op == "while":
+            memo[comp] = {}  # recursion guard
+            acc: dict[str, float] = {}
+            for name, op, typ, rest in comps.get(comp, []):
+                add(acc, measure(name, op, typ, rest, dims, types))
+                if op == "while":
                     n = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
                     body = re.search(r"body=%([\w.\-]+)", rest).group(1)
-                    flops += total(body) * (int(n.group(1)) if n else 1)
+                    add(acc, total(body), int(n.group(1)) if n else 1)
                 elif op == "conditional":
                     branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
                     if branches:
-                        flops += max(total(b.strip().lstrip("%")) for b in branches.group(1).split(","))
+                        sums = [total(b.strip().lstrip("%")) for b in branches.group(1).split(",")]
+                        for k in {k for d in sums for k in d}:
+                            acc[k] = acc.get(k, 0.0) + max(d.get(k, 0.0) for d in sums)
                 else:
-                    flops += sum(total(c) for c in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest))
-            memo[comp] = flops
+                    for c in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
+                        add(acc, total(c))
+            memo[comp] = acc
         return memo[comp]
 
-    return total(entry) if entry else 0.0
+    return total(entry) if entry else {}
+
+
+def hlo_dot_flops(hlo_text: str) -> float:
+    """FLOPs of the dots in a compiled HLO module (2 x output elements x contracted size), with
+    while loops counted `known_trip_count` times. XLA's own `cost_analysis()` counts a loop
+    body once, i.e. one layer of a scanned model; this counts all of them."""
+
+    def measure(name, op, typ, rest, dims, types):
+        if op != "dot":
+            return {}
+        lhs = re.match(r"%([\w.\-]+)", rest).group(1)
+        cd = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+        k = math.prod(dims[lhs][int(i)] for i in cd.group(1).split(",") if i) if cd else 1
+        return {"flops": 2.0 * math.prod(dims[name]) * k}
+
+    return _loop_totals(hlo_text, measure).get("flops", 0.0)
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
+               "ragged-all-to-all")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+             "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def _largest_array_bytes(typ: str) -> int:
+    arrays = re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", typ)
+    return max((math.prod(int(d) for d in shape.split(",") if d) * _ITEMSIZE.get(t, 4)
+                for t, shape in arrays), default=0)
+
+
+def hlo_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """Per device and step, for each collective kind: how many run and their bytes, loops counted
+    their trip count times. A collective's bytes are its largest array, operand or result: the
+    gathered array of an all-gather, the array a reduce-scatter or all-reduce reduces, what an
+    all-to-all exchanges. A ragged-all-to-all's is its whole receive buffer, whatever was sent:
+    an upper bound."""
+
+    def measure(name, op, typ, rest, dims, types):
+        kind = op.removesuffix("-start")
+        if kind not in COLLECTIVES:
+            return {}
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        size = max([_largest_array_bytes(typ)]
+                   + [_largest_array_bytes(types[o]) for o in operands if o in types])
+        return {f"{kind}/count": 1.0, f"{kind}/bytes": float(size)}
+
+    totals = _loop_totals(hlo_text, measure)
+    return {kind: {"count": totals[f"{kind}/count"], "bytes": totals[f"{kind}/bytes"]}
+            for kind in COLLECTIVES if f"{kind}/count" in totals}
 
 
 def _shard_bytes(tree, shardings) -> int:
@@ -328,6 +385,10 @@ def plan(cfg, *, mfu: float = 0.4, peak_flops: float = H100_BF16_PEAK, train_pai
                   "optimizer_moment_dtype": cfg.optimizer_moment_dtype,
                   "loss_chunk_size": cfg.loss_chunk_size},
         "per_device_bytes": mem,
+        # what the compiled step exchanges per device (loops x trip count; see hlo_collectives)
+        "collectives_per_device_per_step": {
+            kind: {"count": int(c["count"]), "gib": c["bytes"] / 2**30}
+            for kind, c in hlo_collectives(hlo).items()},
         "per_device_total_gib": mem["total"] / GiB,
         "flops_per_step": fl["model_flops"],
         "flops": fl,
@@ -381,6 +442,11 @@ def _report(r: dict, log) -> None:
         log(f"  without XLA:CPU's hoisted float32 weight copies (loop-invariant code motion off; a "
             f"GPU computes bf16 dots in bf16 and makes none): temporaries {_gib(w['temp']).strip()}"
             f", total {_gib(w['total']).strip()}")
+    if r["collectives_per_device_per_step"]:
+        log("collectives per device per step (loops x trip count; bytes: the largest array each "
+            "one moves, operand or result; ragged-all-to-all: its receive buffer, an upper bound):")
+        for kind, c in r["collectives_per_device_per_step"].items():
+            log(f"  {kind:<20} {c['count']:>6} x  {c['gib']:8.2f} GiB in all")
     log("FLOPs per step (all devices):")
     log(f"  analytic model FLOPs  {fl['model_flops']:.3e} = 6 x {fl['matmul_params'] / 1e9:.2f}B "
         f"active matmul params x {fl['tokens']} tokens ({fl['dense']:.3e}) + attention "

@@ -82,6 +82,9 @@ class TrainConfig:
     mesh: dict = dataclasses.field(default_factory=dict)
     sharding_rules: tuple | None = None
     distributed: dict = dataclasses.field(default_factory=dict)
+    # here: not a HF key. On a multi-device mesh, compile the train step so XLA overlaps the
+    # FSDP collectives with compute on GPUs (trainer.OVERLAP_COMPILER_OPTIONS)
+    overlap_collectives: bool = True
     do_eval: bool = True  # false: no evaluation, whatever eval_strategy says
     # --- accepted for recipe compatibility, no effect here ---
     bf16: bool = True

@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import signal
 import sys
 import time
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -153,6 +155,36 @@ def make_tx(cfg: TrainConfig, total_steps: int):
     return schedule, tx
 
 
+# XLA options for the train step on a multi-device mesh (`overlap_collectives`): on GPUs the
+# layer loop's FSDP all-gathers / reduce-scatters are pipelined one layer ahead and the loop
+# double-buffered, so they run under the previous layer's compute (NVIDIA JAX-Toolbox's FSDP
+# settings). XLA renamed the pipelining switches: jax 0.11's takes an enum (default / off / on /
+# explicit), jax 0.10's booleans, and each refuses the other's names, hence one set per
+# generation, the first the installed XLA accepts. Other backends ignore these fields.
+_COMMON = {"xla_gpu_enable_latency_hiding_scheduler": True,
+           "xla_gpu_enable_while_loop_double_buffering": True}
+OVERLAP_COMPILER_OPTIONS = (
+    MappingProxyType({**_COMMON, **{f"xla_gpu_pipeline_{c}": "COLLECTIVE_PIPELINING_MODE_ON"
+                                   for c in ("all_gather", "reduce_scatter", "all_reduce")}}),
+    MappingProxyType({**_COMMON, **{f"xla_gpu_enable_pipelined_{c}": True
+                                   for c in ("all_gather", "reduce_scatter", "all_reduce")}}),
+)
+
+
+@functools.cache
+def overlap_compiler_options() -> dict | None:
+    """The first of `OVERLAP_COMPILER_OPTIONS` this XLA accepts (a tiny compile tells), or None."""
+    for options in OVERLAP_COMPILER_OPTIONS:
+        try:
+            jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(0.0).compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "compile option" in str(e) or "enum value" in str(e):
+                continue
+            raise
+        return dict(options)
+    return None
+
+
 def sharded_steps(cfg: TrainConfig, model_cfg: MixtralConfig, params, tx, schedule, mesh, p_shard):
     """(abstract TrainState, its shardings, jitted train step, jitted eval step).
 
@@ -164,9 +196,11 @@ def sharded_steps(cfg: TrainConfig, model_cfg: MixtralConfig, params, tx, schedu
                          params=p_shard,
                          opt_state=sharding.mirror_shardings(abstract_state.opt_state, p_shard, mesh))
     replicated = sharding.mirror_shardings(0, {}, mesh)
+    options = overlap_compiler_options() if cfg.overlap_collectives and mesh.size > 1 else None
     train_step = jax.jit(
         make_train_step(model_cfg, tx, schedule, cfg.beta, cfg.loss_chunk_size, cfg.nll_reduction),
-        in_shardings=(s_shard, None), out_shardings=(s_shard, replicated), donate_argnums=0)
+        in_shardings=(s_shard, None), out_shardings=(s_shard, replicated), donate_argnums=0,
+        compiler_options=options)
     eval_step = jax.jit(make_eval_step(model_cfg, cfg.beta, cfg.loss_chunk_size, cfg.nll_reduction),
                         in_shardings=(p_shard, None), out_shardings=replicated)
     return abstract_state, s_shard, train_step, eval_step
