@@ -23,7 +23,7 @@ from flax import nnx
 from zephyr_jax import data as zdata
 from zephyr_jax import sharding
 from zephyr_jax.config import ConfigError, MixtralConfig
-from zephyr_jax.distributed import any_process, barrier, maybe_initialize
+from zephyr_jax.distributed import any_process, maybe_initialize
 from zephyr_jax.logging_utils import RunLogger
 from zephyr_jax.model import Mixtral, params_dict
 from zephyr_jax.model.expert_parallel import check_exchange
@@ -382,34 +382,48 @@ def _export_hf(cfg, model_cfg, state, tokenizer, process_index: int, process_cou
 
     from zephyr_jax.model_checkpoint import replace_dir, save_tokenizer
 
+    # Every step that can fail is caught and agreed on (any_process) before anyone moves on: a
+    # process that raised alone would leave the others waiting in a collective forever.
     staging = os.path.join(cfg.output_dir, ".hf.export-partial")  # the same path on every host
+    error = None
     if process_index == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # a killed export's leftovers
-        os.makedirs(staging)
-    barrier("export_hf_start")
+        try:
+            shutil.rmtree(staging, ignore_errors=True)  # a killed export's leftovers
+            os.makedirs(staging)
+        except OSError as e:
+            error = f"could not create {staging}: {e}"
+    if any_process(error is not None):
+        raise TrainingError(f"export_hf: {error or 'process 0 could not create ' + staging}; "
+                            "the checkpoint is intact")
     cmd = [sys.executable, "-m", "zephyr_jax.convert", "jax-to-hf", "--ckpt", cfg.output_dir,
            "--out", staging, "--max-shard-size", str(cfg.export_max_shard_size), "--part",
            f"{process_index}/{process_count}", "--quiet"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the accelerators belong to this run
-    with tempfile.TemporaryDirectory(dir=cfg.output_dir) as tok_dir:
-        if process_index == 0:  # part 0 writes the tokenizer with the config and index
-            save_tokenizer(tokenizer, tok_dir)
-            cmd += ["--tokenizer", tok_dir]
-        returncode = subprocess.run(cmd, env=env).returncode
-    failed = any_process(returncode != 0)  # every process learns whether all parts made it
+    try:
+        with tempfile.TemporaryDirectory(dir=cfg.output_dir) as tok_dir:
+            if process_index == 0:  # part 0 writes the tokenizer with the config and index
+                save_tokenizer(tokenizer, tok_dir)
+                cmd += ["--tokenizer", tok_dir]
+            returncode = subprocess.run(cmd, env=env).returncode
+        if returncode:
+            error = f"failed here (exit {returncode})"
+    except Exception as e:  # noqa: BLE001 -- reported below, after every process has agreed
+        error = f"failed here ({type(e).__name__}: {e})"
+    failed = any_process(error is not None)  # every process learns whether all parts made it
     if process_index == 0:
-        if failed:
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            replace_dir(staging, export_dir)
-    barrier("export_hf")
-    if failed:
-        here = (f"failed here (exit {returncode})" if returncode else
-                "succeeded here, another process's part failed")
+        try:
+            if failed:
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                replace_dir(staging, export_dir)
+        except OSError as e:
+            error = f"could not move {staging} to {export_dir}: {e}"
+    if any_process(failed or error is not None):
         raise TrainingError(
             f"export_hf: part {process_index}/{process_count} of `python -m zephyr_jax.convert "
-            f"jax-to-hf --ckpt {cfg.output_dir} --out {staging}` {here}; the checkpoint is intact"
-            f" and {export_dir} unchanged")
+            f"jax-to-hf --ckpt {cfg.output_dir} --out {staging}` "
+            f"{error or 'succeeded here, another process failed'}; the checkpoint is intact"
+            f" and {export_dir} is as it was")
     return export_dir
 
 

@@ -30,7 +30,7 @@ expert twice (never for top-k routing); it is reported, not hidden.
 
 moe_exchange="ragged" (opt-in; the default is the padded exchange above) sends only the routed
 rows, with `jax.lax.ragged_all_to_all`: each device's m = n*K sorted rows go out as one ragged
-array (its per-destination counts and offsets exchanged first by two [X] all_to_alls), arrive
+array (its per-destination counts and offsets exchanged first by three [X] all_to_alls), arrive
 packed at the front of the receiver's [X*P, D] buffer (still the static worst case: what may
 arrive), and come back the same way. Traffic is the routed rows (on 4 x 8 for Mixtral-8x22B
 about 1/4 of the padded exchange's 126 GiB per device per step), and the send side holds [m, D]
