@@ -1,9 +1,10 @@
 """Read a Hugging Face Mixtral folder (config.json + safetensors) into zephyr_jax parameters.
 
 Two ways: `load_hf_params` returns the whole model as numpy (conversion, notebooks, one device);
-`load_hf_sharded` builds each parameter straight onto its devices from the blocks this process's
-devices hold, so a host never holds the model: on 4 hosts x 8 GPUs each host reads and keeps
-only its devices' shards (Mixtral-8x22B is 282 GB in bf16, 564 GB as float32 parameters).
+`load_hf_sharded` builds each parameter straight onto its devices, a few blocks at a time, so a
+host never holds the model: on 4 hosts x 8 GPUs each host reads the file tensors of a quarter of
+the layers, once, and the devices reshard them to their training layout (Mixtral-8x22B is
+282 GB in bf16, 564 GB as float32 parameters).
 """
 
 from __future__ import annotations
