@@ -38,6 +38,11 @@ def test_cli_gemm_mode(capsys):
     for op in ("scan_gmm[bm=128]", "scan_gmm[bm=256]"):  # kernels: dx and dw also timed apart
         assert rows[op]["dx_tflops"] > 0 and rows[op]["dw_tflops"] > 0, rows[op]
     assert "dx_tflops" not in rows["ragged_dot"]
+    # the expert-parallel receive buffer's row: a quarter routed, its rate counted on those rows
+    quarter = rows["scan_gmm_quarter_routed"]
+    assert quarter["useful_fraction"] == 0.25 and quarter["bwd_tflops"] > 0, quarter
+    assert all(v <= 1e-5 for k, v in quarter.items() if k.endswith("_vs_ragged_dot")), quarter
+    assert "useful_fraction" not in rows["scan_gmm[bm=256]"]
 
 
 def test_gpu_gemm_cases_build_and_agree_with_ragged_dot_here():
@@ -46,9 +51,11 @@ def test_gpu_gemm_cases_build_and_agree_with_ragged_dot_here():
     a 15-minute GPU session."""
     cfg = MixtralConfig.preset("tiny")
     rows = bench.bench_grouped_gemm(cfg, 1, 16, "gpu", repeats=1,
-                                    only=["pallas_gmm[128,64,128,w8,s3", "pallas_gmm_skewed"])
+                                    only=["pallas_gmm[128,64,128,w8,s3", "pallas_gmm_skewed",
+                                          "pallas_gmm_quarter"])
     assert [r["op"] for r in rows] == ["pallas_gmm[128,64,128,w8,s3]",
-                                       "pallas_gmm[128,64,128,w8,s3,rows-first]", "pallas_gmm_skewed"]
+                                       "pallas_gmm[128,64,128,w8,s3,rows-first]", "pallas_gmm_skewed",
+                                       "pallas_gmm_quarter_routed"]
     for r in rows:
         assert "error" not in r, r
         assert all(v <= 1e-5 for k, v in r.items() if k.endswith("_vs_ragged_dot")), r
@@ -60,7 +67,7 @@ def test_cli_gemm_only_and_skip_select_cases_by_name_prefix(capsys):
                        "--gemm-only", "dense_matmul,scan_gmm", "--gemm-skip", "scan_gmm_skewed"]) == 0
     rows = _last_json(capsys.readouterr().out)["gemm"]
     assert [r["op"] for r in rows] == ["dense_matmul_same_flops", "scan_gmm[bm=128]",
-                                       "scan_gmm[bm=256]"]
+                                       "scan_gmm[bm=256]", "scan_gmm_quarter_routed"]
     with pytest.raises(SystemExit, match=r"no grouped-GEMM case left.*scan_gmm\[bm=128\]"):
         bench.main(["--config", "tiny", "--gemm", "--gemm-only", "scna_gmm"])
 

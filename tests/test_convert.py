@@ -168,7 +168,7 @@ def test_shards_respect_max_shard_size(tmp_path):
     assert_bitwise_equal(tmp_path / "one", tmp_path / "out")
 
 
-def test_parts_written_apart_make_the_same_folder(tmp_path, monkeypatch):
+def test_parts_written_apart_make_the_same_folder(tmp_path, monkeypatch, capsys):
     """`--part I/N` (the trainer's multi-host export: one part per process): three parts written
     one after another into one folder give the files of the whole export byte for byte, and a
     part reads only the layers its shards hold."""
@@ -196,8 +196,14 @@ def test_parts_written_apart_make_the_same_folder(tmp_path, monkeypatch):
     for seen in layers_read:  # each part a run of the 4 layers, not all of them
         assert 0 < len(seen - {None}) < 4, layers_read
     assert set().union(*layers_read) == {None, 0, 1, 2, 3}
+    capsys.readouterr()
     assert main(["jax-to-hf", "--ckpt", ckpt, "--out", str(tmp_path / "none"), "--part", "0/2",
                  "--quiet"]) == 1  # the shared folder must exist
+    assert f"{tmp_path / 'none'}: the folder the parts share must exist" in capsys.readouterr().err
+    for bad, why in (("2/2", "need 0 <= I < N"), ("1of2", "expected I/N")):
+        with pytest.raises(SystemExit):
+            main(["jax-to-hf", "--ckpt", ckpt, "--out", str(parts), "--part", bad])
+        assert f"--part '{bad}': {why}" in capsys.readouterr().err
 
 
 def test_progress_bar_counts_tensors_and_bytes(tmp_path, capsys):

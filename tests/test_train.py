@@ -138,6 +138,9 @@ CONFIG_ERRORS = [
     (["--mesh", "{data: 2}"], ["mesh", "have 3"]),
     (["--per_device_train_batch_size", "0"], ["per_device_train_batch_size"]),
     (["--lr_scheduler_type", "warmup_cosine"], ["lr_scheduler_type"]),
+    (["--export_max_shard_size", "5 gigs"], ["export_max_shard_size", "5GB"]),
+    (["--export_max_shard_size", "0"], ["export_max_shard_size", "positive"]),
+    (["--model_overrides", "{moe_exchange: sparse}"], ["moe_exchange", "padded"]),
 ]
 # The entry point's `main` on each case in one process with 3 devices (one jax start-up, not six;
 # `python -m zephyr_jax.train` is `sys.exit(main())`): exit code and stderr per case, and whether

@@ -315,7 +315,12 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
     even = jnp.full((E,), M // E, jnp.int32)
     r = M // 2 // max(E - 1, 1)  # skewed: half the rows (or more) to expert 0
     skewed = jnp.array([M - (E - 1) * r] + [r] * (E - 1), jnp.int32)
+    # an expert-parallel receive buffer with one expert per device (8 experts on 8 devices, top-2):
+    # a quarter of its rows routed, all to that expert, the rest past the groups; these rows'
+    # FLOP/s count the routed rows only
+    quarter = jnp.zeros((E,), jnp.int32).at[0].set(M // 4)
     flops = 2.0 * M * d * f
+    useful = {}  # case name -> fraction of `flops` it computes usefully (default 1)
 
     # (name, fn(x, w), time the backward too, group sizes for the error check or None); kernel
     # tile candidates also time dx and dw apart (name in `split`)
@@ -330,6 +335,9 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
                       True, even))
         split.add(cases[-1][0])
     cases.append(("scan_gmm_skewed", lambda x, w: scan_gmm(x, w, skewed), False, skewed))
+    cases.append(("ragged_dot_quarter_routed", lambda x, w: jax.lax.ragged_dot(x, w, quarter),
+                  True, None))
+    cases.append(("scan_gmm_quarter_routed", lambda x, w: scan_gmm(x, w, quarter), True, quarter))
     if platform == "gpu":
         for bm, bk, bn, nw, ns in GMM_TILES:
             fn = (lambda x, w, t=(bm, bk, bn, nw, ns):
@@ -343,17 +351,21 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
                                             num_stages=t[4], l2_order=False), True, even))
         split.add(cases[-1][0])
         cases.append(("pallas_gmm_skewed", lambda x, w: gmm(x, w, skewed), False, skewed))
+        cases.append(("pallas_gmm_quarter_routed", lambda x, w: gmm(x, w, quarter), True, quarter))
     if dispatch.tokamax_available():
         tokamax_dot = dispatch.GROUPED_MATMULS["tokamax"]
         cases.append(("tokamax_mosaic", lambda x, w: tokamax_dot(x, w, even), True, even))
         cases.append(("tokamax_mosaic_skewed", lambda x, w: tokamax_dot(x, w, skewed), False,
                       skewed))
+        cases.append(("tokamax_mosaic_quarter_routed", lambda x, w: tokamax_dot(x, w, quarter),
+                      True, quarter))
         for t in TOKAMAX_TILES:
             dot = dispatch.tokamax_matmul(t, t, t)
             fn = (lambda x, w, dot=dot: dot(x, w, even))
             cases.append((f"tokamax_tuned[{_tile_name(t)}]", fn, True, even))
             split.add(cases[-1][0])
     names = [c[0] for c in cases]
+    useful.update({n: 0.25 for n in names if n.endswith("_quarter_routed")})
     if only:
         cases = [c for c in cases if c[0].startswith(tuple(only))]
     if skip:
@@ -362,8 +374,9 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
         raise ValueError(f"no grouped-GEMM case left by --gemm-only {only} / --gemm-skip {skip}; "
                          f"the cases on {platform}: {', '.join(names)}")
     base = {"rows": M, "d": d, "f": f, "experts": E, "dtype": cfg.dtype}
-    return [{"op": name, **base,
-             **_time_case(fn, x, w, dy, flops, with_bwd, repeats, sizes, name in split)}
+    return [{"op": name, **base, **({"useful_fraction": useful[name]} if name in useful else {}),
+             **_time_case(fn, x, w, dy, flops * useful.get(name, 1.0), with_bwd, repeats, sizes,
+                          name in split)}
             for name, fn, with_bwd, sizes in cases]
 
 

@@ -139,9 +139,11 @@ class TrainConfig:
              "supports tensorboard (metrics.jsonl is always written)")
         need(not self.push_to_hub, "push_to_hub", "is not supported; export with --export_hf")
         try:
-            parse_size(self.export_max_shard_size)
+            shard_bytes = parse_size(self.export_max_shard_size)
         except (ValueError, AttributeError):
-            need(False, "export_max_shard_size", "must be a size such as 5GB, 500MB or 2GiB")
+            shard_bytes = 0
+        need(shard_bytes > 0 and not isinstance(self.export_max_shard_size, bool),
+             "export_max_shard_size", "must be a positive size such as 5GB, 500MB or 2GiB")
 
     def model_config(self) -> MixtralConfig:
         """The MixtralConfig of a random-init run (pretrained runs read config.json instead)."""

@@ -228,8 +228,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if model_cfg.moe_exchange == "ragged":  # unproven on GPUs: checked on these devices first
         err = check_exchange(mesh, rules)
         if process_index == 0:
-            print(f"[train] moe_exchange ragged agrees with the padded exchange on this mesh "
-                  f"(largest relative difference {err:.1e})", flush=True)
+            print("[train] moe_exchange ragged: the mesh does not split the experts, no exchange "
+                  "runs" if err is None else "[train] moe_exchange ragged agrees with the padded "
+                  f"exchange on this mesh (largest relative difference {err:.1e})", flush=True)
 
     tokenizer = zdata.load_tokenizer(_tokenizer_source(cfg), chat_template=cfg.chat_template)
     train_examples, eval_examples = build_data(cfg, tokenizer, process_index, process_count)
@@ -407,7 +408,7 @@ def _export_hf(cfg, model_cfg, state, tokenizer, process_index: int, process_cou
             returncode = subprocess.run(cmd, env=env).returncode
         if returncode:
             error = f"failed here (exit {returncode})"
-    except Exception as e:  # noqa: BLE001 -- reported below, after every process has agreed
+    except Exception as e:  # reported below, after every process has agreed
         error = f"failed here ({type(e).__name__}: {e})"
     failed = any_process(error is not None)  # every process learns whether all parts made it
     if process_index == 0:

@@ -108,13 +108,17 @@ def expert_parallel(impl: str, plan: ExpertParallelPlan, x_ND, expert_NK, weight
     P_rows = exchange_rows(n, K, E_loc, X, impl, capacity_factor)
     ex_axes = plan.expert_axes if len(plan.expert_axes) > 1 else plan.expert_axes[0]
 
+    def by_expert(expert_nK):
+        """(order_m, inverse_m, sorted_m): the n*K assignments sorted by expert, hence by
+        destination device."""
+        flat_m = expert_nK.reshape(-1)
+        order_m = jnp.argsort(flat_m, stable=True)
+        return order_m, inverse_permutation(order_m), flat_m[order_m]
+
     def per_device_ragged(x_nD, expert_nK, weight_nK, w1_LDF, w3_LDF, w2_LFD):
         m, D = n * K, x_nD.shape[-1]
         R = X * P_rows  # what may arrive: every sender's worst case
-        flat_m = expert_nK.reshape(m)
-        order_m = jnp.argsort(flat_m, stable=True)  # by expert, hence by destination device
-        inverse_m = inverse_permutation(order_m)
-        sorted_m = flat_m[order_m]
+        order_m, inverse_m, sorted_m = by_expert(expert_nK)
         send_X = jnp.bincount(sorted_m // E_loc, length=X).astype(jnp.int32)
         start_X = jnp.cumsum(send_X) - send_X  # where each destination's rows start here
         recv_X = jax.lax.all_to_all(send_X, ex_axes, 0, 0, tiled=True)  # from each sender
@@ -141,10 +145,7 @@ def expert_parallel(impl: str, plan: ExpertParallelPlan, x_ND, expert_NK, weight
 
     def per_device(x_nD, expert_nK, weight_nK, w1_LDF, w3_LDF, w2_LFD):
         m, D = n * K, x_nD.shape[-1]
-        flat_m = expert_nK.reshape(m)
-        order_m = jnp.argsort(flat_m, stable=True)  # by expert, hence by destination device
-        inverse_m = inverse_permutation(order_m)
-        sorted_m = flat_m[order_m]
+        order_m, inverse_m, sorted_m = by_expert(expert_nK)
         dest_m = sorted_m // E_loc
         count_X = jnp.bincount(dest_m, length=X)
         slot_m = jnp.arange(m) - (jnp.cumsum(count_X) - count_X)[dest_m]
@@ -221,7 +222,7 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
                                                  mode="drop", unique_indices=True)
 
 
-def check_exchange(mesh, rules=None, *, tol: float = 1e-5) -> float:
+def check_exchange(mesh, rules=None, *, tol: float = 1e-5) -> float | None:
     """Compare the ragged exchange with the padded one on `mesh` and raise if they differ.
 
     `jax.lax.ragged_all_to_all` has run in no test of this project on a GPU (XLA:CPU cannot run
@@ -230,7 +231,8 @@ def check_exchange(mesh, rules=None, *, tol: float = 1e-5) -> float:
     random routing and on routing that sends every token to one device's experts (the buffers'
     worst case), output and input gradient, against the padded exchange. Inputs are made and
     errors reduced inside one jitted function, so every process of a multi-host mesh runs it
-    as is. Returns the largest relative error; raises RuntimeError above `tol`.
+    as is. Returns the largest relative error (None where the mesh does not split the experts:
+    no exchange runs); raises RuntimeError above `tol`.
     """
     from jax.sharding import NamedSharding
 
@@ -241,7 +243,7 @@ def check_exchange(mesh, rules=None, *, tol: float = 1e-5) -> float:
     with sharding.use_mesh(mesh, rules):
         plan = sharding.expert_parallel_plan()
         if plan is None:
-            return 0.0
+            return None
         X, shards = plan.expert_size, plan.token_shards
     E, K, D, F, N = 2 * X, 2, 8, 16, 8 * shards
     routings = ("random", "one device")
