@@ -17,8 +17,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 || true)}
-[ -n "$PY" ] && [ -x "$PY" ] || { echo "no python3.12 found: set PYTHON312" >&2; exit 2; }
+# a pyenv shim named python3.12 exists even when 3.12 is not the selected version, and then
+# fails when run: take the first candidate that actually starts
+PY=${PYTHON312:-}
+if [ -z "$PY" ]; then
+  for c in $(command -v python3.12 || true) "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    if [ -x "$c" ] && "$c" -c "import sys" 2>/dev/null; then PY=$c; break; fi
+  done
+fi
+[ -n "$PY" ] && [ -x "$PY" ] || { echo "no working python3.12 found: set PYTHON312" >&2; exit 2; }
 VENV=${VENV:-/tmp/zephyr-gpu-stack}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
