@@ -26,25 +26,6 @@ def _last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_cli_gemm_mode(capsys):
-    assert bench.main(["--config", "tiny", "--gemm", "--batch-pairs", "1", "--seq-len", "32"]) == 0
-    rows = {r["op"]: r for r in _last_json(capsys.readouterr().out)["gemm"]}
-    timed = ("dense_matmul_same_flops", "batched_einsum_capacity", "ragged_dot", "scan_gmm[bm=128]",
-             "scan_gmm[bm=256]")
-    assert set(rows) >= {*timed, "ragged_dot_skewed", "scan_gmm_skewed"}
-    assert not any(op.startswith("pallas") for op in rows)  # interpret mode is not timed
-    for op in timed:
-        assert rows[op]["fwd_tflops"] > 0 and rows[op]["bwd_tflops"] > 0, rows[op]
-    for op in ("scan_gmm[bm=128]", "scan_gmm[bm=256]"):  # kernels: dx and dw also timed apart
-        assert rows[op]["dx_tflops"] > 0 and rows[op]["dw_tflops"] > 0, rows[op]
-    assert "dx_tflops" not in rows["ragged_dot"]
-    # the expert-parallel receive buffer's row: a quarter routed, its rate counted on those rows
-    quarter = rows["scan_gmm_quarter_routed"]
-    assert quarter["useful_fraction"] == 0.25 and quarter["bwd_tflops"] > 0, quarter
-    assert all(v <= 1e-5 for k, v in quarter.items() if k.endswith("_vs_ragged_dot")), quarter
-    assert "useful_fraction" not in rows["scan_gmm[bm=256]"]
-
-
 def test_gpu_gemm_cases_build_and_agree_with_ragged_dot_here():
     """The GPU-only part of `--gemm` (Pallas tiles, launch orders, skewed routing) builds and runs
     here in Pallas' interpret mode on a tiny shape: a typo there would otherwise surface only in

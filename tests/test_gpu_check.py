@@ -27,8 +27,22 @@ def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
     log = (tmp_path / "gpu_check.log").read_text()
     for name in ("gemm", "step", "attention", "tokamax_tiles", "remat", "loss_chunk"):
         assert f"== {name}: exit 0" in log, log[-3000:]
-    gemm = json.loads((tmp_path / "gemm.json").read_text())
-    assert {r["op"] for r in gemm["gemm"]} >= {"ragged_dot", "scan_gmm_skewed"}
+    # the gemm step is `python -m zephyr_jax.bench --gemm` (the CLI's --gemm acceptance test)
+    rows = {r["op"]: r for r in json.loads((tmp_path / "gemm.json").read_text())["gemm"]}
+    timed = ("dense_matmul_same_flops", "batched_einsum_capacity", "ragged_dot", "scan_gmm[bm=128]",
+             "scan_gmm[bm=256]")
+    assert set(rows) >= {*timed, "ragged_dot_skewed", "scan_gmm_skewed"}
+    assert not any(op.startswith("pallas") for op in rows)  # interpret mode is not timed
+    for op in timed:
+        assert rows[op]["fwd_tflops"] > 0 and rows[op]["bwd_tflops"] > 0, rows[op]
+    for op in ("scan_gmm[bm=128]", "scan_gmm[bm=256]"):  # kernels: dx and dw also timed apart
+        assert rows[op]["dx_tflops"] > 0 and rows[op]["dw_tflops"] > 0, rows[op]
+    assert "dx_tflops" not in rows["ragged_dot"]
+    # the expert-parallel receive buffer's row: a quarter routed, its rate counted on those rows
+    quarter = rows["scan_gmm_quarter_routed"]
+    assert quarter["useful_fraction"] == 0.25 and quarter["bwd_tflops"] > 0, quarter
+    assert all(v <= 1e-5 for k, v in quarter.items() if k.endswith("_vs_ragged_dot")), quarter
+    assert "useful_fraction" not in rows["scan_gmm[bm=256]"]
     # no tokamax on this Python: the tile step keeps only its same-run dense baseline
     tiles = json.loads((tmp_path / "tokamax_tiles.json").read_text())
     assert [r["op"] for r in tiles["gemm"]] == ["dense_matmul_same_flops"]

@@ -115,6 +115,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert "[train] exported" not in open(logs[2]).read()
 
 
+@pytest.mark.slow  # ~40-60 s; the success path above runs the same agreement, with no failure
 def test_a_failed_export_part_fails_both_and_keeps_the_previous_export(tmp_path):
     """Process 1's converter part dies (a `sitecustomize` on its PYTHONPATH exits the converter
     only): both processes stop with the error, the staging folder is gone, and the export that
