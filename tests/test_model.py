@@ -193,6 +193,20 @@ def test_rms_norm_keeps_its_input_not_a_float32_copy():
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_plain, np.float32))
 
 
+def test_swiglu_keeps_only_its_two_inputs():
+    """The experts' silu(h1) * h3: the backward pass keeps h1 and h3 and recomputes the rest;
+    plain autodiff (control) keeps three more [rows, F] arrays (silu(h1), sigmoid(h1) and its
+    derivative), which the layer loop stacks per layer. Gradients are bit-equal, eager and jitted."""
+    h1, h3, g = (jax.random.normal(jax.random.key(i), (64, 48)).astype(jnp.bfloat16) for i in range(3))
+    assert _residuals(dispatch._swiglu, h1, h3) == [(jnp.bfloat16, (64, 48))] * 2
+    assert len(_residuals(dispatch._swiglu_plain, h1, h3)) == 5
+    for wrap in (lambda f: f, jax.jit):
+        kept, plain = (wrap(lambda a, b, g, f=f: jax.vjp(f, a, b)[1](g))(h1, h3, g)
+                       for f in (dispatch._swiglu, dispatch._swiglu_plain))
+        for a, b in zip(kept, plain, strict=True):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def test_rms_norm_weight_gradient_sums_in_float32_as_transformers_bf16():
     """bf16: the norm weight's gradient (a sum over every token) equals transformers'
     MixtralRMSNorm's in bf16 (torch accumulates the sum in float32) to one bf16 rounding; the

@@ -25,6 +25,8 @@ import sys
 import types
 from dataclasses import dataclass
 
+from zephyr_jax.hlo_text import ITEMSIZE
+
 GiB = 2**30
 
 # XLA's device description of each target (fields of stream_executor's GpuDeviceInfoProto), the
@@ -68,6 +70,7 @@ class Target:
     name: str  # what the device reports as its kind
     memory_bytes: int
     bandwidth_bytes_per_s: int
+    peak_flops: float = 989e12  # dense bf16, SXM (bench.PEAK_FLOPS)
 
     def config(self) -> str:
         return _DEVICE_INFO.format(name=self.name, memory=self.memory_bytes,
@@ -182,6 +185,8 @@ def compile_bench_step(cfg, target: Target, pairs: int, seq: int,
     the compiled program's HLO text is written to `hlo_path` if given."""
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from zephyr_jax import bench, roofline
+
     mesh = topology_mesh(target)
     step, state, batch = abstract_bench_step(cfg, pairs, seq, NamedSharding(mesh, PartitionSpec()),
                                              chunk_size)
@@ -196,20 +201,22 @@ def compile_bench_step(cfg, target: Target, pairs: int, seq: int,
             fh.write(hlo)
         os.replace(tmp, hlo_path)
     largest, largest_bytes = largest_array(hlo)
-    return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+    model_flops = bench.flops_per_token(cfg, seq) * 2 * pairs * seq
+    bound = roofline.roofline(hlo, target.peak_flops, target.bandwidth_bytes_per_s)
+    bound["model_flops"] = model_flops
+    bound["mfu_bound"] = model_flops / (target.peak_flops * bound["seconds"])
+    return {"roofline": bound, "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
             "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
             "total_bytes": total, "largest_array": largest, "largest_array_bytes": largest_bytes}
 
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([\d,]*)\]")
 
 
 def hlo_arrays(hlo_text: str) -> dict[str, int]:
     """Every array type in a compiled program's HLO (parameters, fusion outputs and internals,
     loop carries) -> its bytes."""
-    return {f"{dtype}[{dims}]": _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return {f"{dtype}[{dims}]": ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(",") if d)
             for dtype, dims in _ARRAY.findall(hlo_text)}
 
 
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # never open a local CUDA device (before any use)
-    from zephyr_jax import bench
+    from zephyr_jax import bench, roofline
 
     target = TARGETS[a.target]
     pretend()
@@ -282,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"(arguments {row['argument_bytes'] / GiB:.1f}, temporaries "
                       f"{row['temp_bytes'] / GiB:.1f}; largest array {row['largest_array']}) "
                       f"{'fits' if row['fits'] else 'DOES NOT FIT'}",
+                      flush=True)
+                print(f"{'':>25}{roofline.summary(row['roofline'], row['roofline']['model_flops'])}",
                       flush=True)
             except Exception as e:  # noqa: BLE001 - one variant's failure is a result, go on
                 row["error"] = f"{type(e).__name__}: {str(e)[:500]}"

@@ -27,9 +27,10 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
+
+from zephyr_jax.hlo_text import dot_flops, largest_array_bytes, loop_totals
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
 GiB = 2**30
@@ -146,92 +147,19 @@ def analytic_flops(model_cfg, sequences: int, length: int) -> dict:
             "model_flops": dense + attn, "with_remat": dense + attn + recompute}
 
 
-_HLO_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
-# result types: an array, or a tuple nesting tuples and layouts such as {1,0:S(1)} (3 deep)
-_HLO_INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT )?%([\w.\-]+) = (\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\)|\S+?)(?:\{[^}]*\})? "
-    r"([\w\-]+)\((.*)$")
-
-
-def _loop_totals(hlo_text: str, measure) -> dict[str, float]:
-    """Sum `measure(name, op, result_type, rest, dims, types) -> {key: amount}` over a compiled HLO
-    module's instructions, with while loops counted `known_trip_count` times (once where unknown),
-    conditionals by their largest branch, and called computations (fusions, maps) inlined."""
-    comps: dict[str, list] = {}
-    dims: dict[str, list[int]] = {}  # and `types`: every instruction's result type, by name
-    types: dict[str, str] = {}
-    entry, cur = None, None
-    for line in hlo_text.splitlines():
-        m = _HLO_COMPUTATION.match(line)
-        if m and not line.startswith(" "):
-            cur = comps.setdefault(m.group(2), [])
-            entry = m.group(2) if m.group(1) else entry
-            continue
-        m = _HLO_INSTRUCTION.match(line)
-        if m and cur is not None:
-            name, typ, op, rest = m.groups()
-            types[name] = typ
-            shape = re.match(r"^[a-z0-9]+\[([0-9,]*)\]", typ)
-            if shape:
-                dims[name] = [int(d) for d in shape.group(1).split(",") if d]
-            cur.append((name, op, typ, rest))
-    memo: dict[str, dict[str, float]] = {}
-
-    def add(into: dict, more: dict, times: float = 1.0) -> None:
-        for k, v in more.items():
-            into[k] = into.get(k, 0.0) + v * times
-
-    def total(comp: str) -> dict[str, float]:
-        if comp not in memo:
-            memo[comp] = {}  # recursion guard
-            acc: dict[str, float] = {}
-            for name, op, typ, rest in comps.get(comp, []):
-                add(acc, measure(name, op, typ, rest, dims, types))
-                if op == "while":
-                    n = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
-                    body = re.search(r"body=%([\w.\-]+)", rest).group(1)
-                    add(acc, total(body), int(n.group(1)) if n else 1)
-                elif op == "conditional":
-                    branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
-                    if branches:
-                        sums = [total(b.strip().lstrip("%")) for b in branches.group(1).split(",")]
-                        for k in {k for d in sums for k in d}:
-                            acc[k] = acc.get(k, 0.0) + max(d.get(k, 0.0) for d in sums)
-                else:
-                    for c in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
-                        add(acc, total(c))
-            memo[comp] = acc
-        return memo[comp]
-
-    return total(entry) if entry else {}
-
-
 def hlo_dot_flops(hlo_text: str) -> float:
     """FLOPs of the dots in a compiled HLO module (2 x output elements x contracted size), with
     while loops counted `known_trip_count` times. XLA's own `cost_analysis()` counts a loop
     body once, i.e. one layer of a scanned model; this counts all of them."""
 
-    def measure(name, op, typ, rest, dims, types):
-        if op != "dot":
-            return {}
-        lhs = re.match(r"%([\w.\-]+)", rest).group(1)
-        cd = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-        k = math.prod(dims[lhs][int(i)] for i in cd.group(1).split(",") if i) if cd else 1
-        return {"flops": 2.0 * math.prod(dims[name]) * k}
+    def measure(ins, module):
+        return {"flops": dot_flops(ins, module)} if ins.op == "dot" else {}
 
-    return _loop_totals(hlo_text, measure).get("flops", 0.0)
+    return loop_totals(hlo_text, measure).get("flops", 0.0)
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
                "ragged-all-to-all")
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-             "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-
-
-def _largest_array_bytes(typ: str) -> int:
-    arrays = re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", typ)
-    return max((math.prod(int(d) for d in shape.split(",") if d) * _ITEMSIZE.get(t, 4)
-                for t, shape in arrays), default=0)
 
 
 def hlo_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
@@ -241,16 +169,16 @@ def hlo_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     all-to-all exchanges. A ragged-all-to-all's is its whole receive buffer, whatever was sent:
     an upper bound."""
 
-    def measure(name, op, typ, rest, dims, types):
-        kind = op.removesuffix("-start")
+    def measure(ins, module):
+        kind = ins.op.removesuffix("-start")
         if kind not in COLLECTIVES:
             return {}
-        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-        size = max([_largest_array_bytes(typ)]
-                   + [_largest_array_bytes(types[o]) for o in operands if o in types])
+        size = max([largest_array_bytes(ins.type)]
+                   + [largest_array_bytes(module.types[o]) for o in ins.operands()
+                      if o in module.types])
         return {f"{kind}/count": 1.0, f"{kind}/bytes": float(size)}
 
-    totals = _loop_totals(hlo_text, measure)
+    totals = loop_totals(hlo_text, measure)
     return {kind: {"count": totals[f"{kind}/count"], "bytes": totals[f"{kind}/bytes"]}
             for kind in COLLECTIVES if f"{kind}/count" in totals}
 
