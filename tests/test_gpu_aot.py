@@ -123,6 +123,14 @@ def test_bench_step_compiles_for_h100_with_each_gpu_kernel(tmp_path):
         # in place; the step's activations come on top
         assert row["alias_bytes"] > 0.99 * row["output_bytes"]
         assert row["total_bytes"] > row["argument_bytes"] > 13 * 2**30
+        # the roofline reading finds every GEMM of the real program, the grouped ones (Pallas'
+        # Triton calls, tokamax's Mosaic GPU calls) and cuDNN's attention included: the FLOPs
+        # it counts are the model's (6 x active parameters x tokens + attention) to within what
+        # the analytic count leaves out, and no kernel is left with unknown FLOPs
+        bound = row["roofline"]
+        assert 0.98 <= bound["matmul"]["flops"] / bound["model_flops"] <= 1.1, bound
+        assert bound["custom"]["kernels"] == 0, bound["top"]
+        assert bound["memory"]["seconds"] > 0 and 0 < bound["mfu_bound"] < 1, bound
     # no [sequences, T, vocab] array anywhere in the compiled programs, not even in bf16: the
     # loss runs the LM head over 512-token chunks (issue 7: log-probs without a float32
     # [B, T, vocab] copy), as XLA's GPU compiler builds it

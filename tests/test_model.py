@@ -583,6 +583,41 @@ def test_compiled_program_does_not_grow_with_depth():
     assert eight <= 1.05 * two, (two, eight)
 
 
+def test_unrolled_layers_equal_the_scan():
+    """`scan_layers: false` runs the same layers unrolled: logits, router statistics, every
+    gradient and greedy generation (the KV cache through the same loop) equal the scanned
+    model's; no loop runs over the stacked layer weights, as the scanned one's does (control)."""
+    from zephyr_jax.generation import generate_ids
+
+    cfg = MixtralConfig.preset("tiny")
+    ids = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
+    mask = jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
+    params = zj.params_dict(zj.Mixtral(cfg, rngs=nnx.Rngs(0)))
+    stacked_w1 = next(v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)
+                      if "w1" in jax.tree_util.keystr(k))
+    results = {}
+    for scan in (True, False):
+        model = zj.model_from_params(cfg.replace(scan_layers=scan), params)
+
+        def loss(m):
+            logits, stats = m(ids, mask, return_stats=True)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + stats.aux_loss, (logits, stats)
+
+        grads, (logits, stats) = nnx.jit(nnx.grad(loss, has_aux=True))(model)
+        layer_loops = [e for e in _equations(jax.make_jaxpr(lambda i, m=model: m(i))(ids).jaxpr)
+                       if e.primitive.name == "scan"
+                       and any(v.aval.shape == stacked_w1 for v in e.invars)]
+        results[scan] = (logits, stats.expert_counts_LE, nnx.state(grads, nnx.Param),
+                         generate_ids(model, [[5, 6, 7], [8]], 3, temperature=0.0), len(layer_loops))
+    (l1, c1, g1, t1, n1), (l2, c2, g2, t2, n2) = results[True], results[False]
+    assert (n1, n2) == (1, 0)
+    np.testing.assert_allclose(l2, l1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(c2, c1)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b)) + 1e-30))
+    assert t2 == t1
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -593,6 +628,7 @@ def test_compiled_program_does_not_grow_with_depth():
         (dict(moe_impl="magic"), "moe_impl"),
         (dict(moe_impl="tokamax"), "moe_impl"),  # tiny computes in float32
         (dict(moe_exchange="sparse"), "moe_exchange"),
+        (dict(scan_layers="no"), "scan_layers"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps"),
     ],
 )

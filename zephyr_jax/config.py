@@ -79,6 +79,10 @@ class MixtralConfig:
     moe_exchange: str = "padded"
     remat: str = "none"
     attention_impl: str = "xla"
+    # the decoder layers as one `jax.lax.scan` (compile time independent of depth) or unrolled
+    # (each layer its own code: no per-layer residual copies into loop-carried stacks, which
+    # a scan's backward pass needs; longer compiles). MaxText's `scan_layers`.
+    scan_layers: bool = True
 
     def __post_init__(self):
         def need(cond: bool, field: str, msg: str):
@@ -122,6 +126,7 @@ class MixtralConfig:
         need(self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
              f"must be one of {ATTENTION_IMPLS}")
+        need(isinstance(self.scan_layers, bool), "scan_layers", "must be true or false")
 
     # --- derived ---
     @property
@@ -240,7 +245,7 @@ class MixtralConfig:
 
 _RUNTIME_FIELDS = frozenset(
     {"dtype", "param_dtype", "moe_impl", "moe_capacity_factor", "moe_exchange", "remat",
-     "attention_impl"}
+     "attention_impl", "scan_layers"}
 )
 
 # Presets live in the repository's configs/ (the package is installed editable, as the README says).

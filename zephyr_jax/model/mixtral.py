@@ -189,6 +189,18 @@ def _constrain_activations(x_BTD):
     return constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
 
 
+def _layer_loop(body, x, xs, scan: bool):
+    """`jax.lax.scan(body, x, xs)`, or the same loop unrolled in Python (each layer's slices
+    static, its outputs stacked at the end) when `scan` is False."""
+    if scan:
+        return jax.lax.scan(body, x, xs)
+    ys = []
+    for i in range(jax.tree.leaves(xs)[0].shape[0]):
+        x, y = body(x, jax.tree.map(lambda a, i=i: a[i], xs))
+        ys.append(y)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
 class Mixtral(nnx.Module):
     """Mixtral causal LM.
 
@@ -255,9 +267,12 @@ class Mixtral(nnx.Module):
             return x, (stats, new_kv)
 
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            # inside a scan XLA cannot merge the recomputation with the forward pass; unrolled it
+            # can, and would undo the remat (the compiled H100 bench step kept every residual)
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat],
+                                  prevent_cse=not cfg.scan_layers)
         xs = layer_params if cache is None else (layer_params, cache.k_LBSKH, cache.v_LBSKH)
-        x_BTD, (stats, new_kv) = jax.lax.scan(body, x_BTD, xs)
+        x_BTD, (stats, new_kv) = _layer_loop(body, x_BTD, xs, cfg.scan_layers)
 
         h_BTD = rms_norm(x_BTD, self.final_norm.value, cfg.rms_norm_eps)
         new_cache = None
