@@ -14,7 +14,7 @@
 #    own time cap and all within BUDGET_S (default 570 s), so a slow or failing step still leaves
 #    the others' results. Smoke test of the script on a CPU (tiny model, ~2 minutes):
 #        CONFIG=tiny BENCH_ARGS="--batch-pairs 1 --seq-len 32 --steps 2 --warmup 1" \
-#            STEP_IMPLS=scan,dense ATTENTION=xla bash docs/gpu_check.sh run
+#            STEP_IMPLS=scan,dense UNROLLED_IMPLS=scan ATTENTION=xla bash docs/gpu_check.sh run
 #
 # What it measures (bench model: configs/model/bench.yaml, 4 pairs x 2048 tokens, bf16):
 #   gemm       the expert grouped GEMM, 32,768 rows 2048 -> 5632, 8 experts: a dense matmul of the
@@ -25,6 +25,9 @@
 #              dense, ragged) against ONE transformers + PyTorch run in the same invocation
 #              (grouped_mm experts, sdpa, torch.compile when it works): tokens/s, MFU, peak
 #              memory, ratio ours / reference per implementation, step-0 loss and grad norm
+#   unrolled   tokamax and pallas with the layers unrolled (scan_layers: false): no per-layer
+#              residual copies into and out of the scan's stacks (roofline of the H100 build:
+#              137 -> 112 ms; docs/PERFORMANCE.md): tokens/s vs step's scanned rows
 #   attention  our step (dense experts) with XLA attention and jax's dot_product_attention: their
 #              step-0 loss / grad norm against step's cuDNN one is the cuDNN correctness check
 #   tokamax_tiles  (if time is left) tokamax's Mosaic ragged_dot at each of bench.TOKAMAX_TILES
@@ -77,6 +80,8 @@ run() {
   step gemm 120 --gemm --gemm-skip tokamax_tuned
   step step 330 --moe-impl "${STEP_IMPLS:-tokamax,pallas,scan,dense,ragged}" --attention-impl "$att" \
     --reference hf
+  step unrolled 100 --moe-impl "${UNROLLED_IMPLS:-tokamax,pallas}" --attention-impl "$att" \
+    --scan-layers false
   step attention 110 --moe-impl dense --attention-impl xla,dot_product_attention
   step tokamax_tiles 100 --gemm --gemm-only dense_matmul,tokamax_mosaic,tokamax_tuned
   step remat 100 --moe-impl auto --attention-impl "$att" --remat save_matmuls,save_attention

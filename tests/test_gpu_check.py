@@ -19,13 +19,14 @@ REQUIRED = ("tokens_per_s", "mfu", "reference_tokens_per_s", "ratio", "device", 
 def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
     """Also the bench CLI's acceptance test: the step it runs is `--reference hf` with a list."""
     env = {**os.environ, "OUT": str(tmp_path), "CONFIG": "tiny", "STEP_IMPLS": "auto,dense",
+           "UNROLLED_IMPLS": "auto",
            "ATTENTION": "xla", "BENCH_ARGS": "--batch-pairs 1 --seq-len 16 --steps 1 --warmup 0"}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(["bash", "docs/gpu_check.sh", "run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (tmp_path / "gpu_check.log").read_text()
-    for name in ("gemm", "step", "attention", "tokamax_tiles", "remat", "loss_chunk"):
+    for name in ("gemm", "step", "unrolled", "attention", "tokamax_tiles", "remat", "loss_chunk"):
         assert f"== {name}: exit 0" in log, log[-3000:]
     # the gemm step is `python -m zephyr_jax.bench --gemm` (the CLI's --gemm acceptance test)
     rows = {r["op"]: r for r in json.loads((tmp_path / "gemm.json").read_text())["gemm"]}
@@ -75,7 +76,11 @@ def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
     # and the loss's chunking change what is stored, not what is computed; at 16 positions both
     # loss runs are one chunk, so this checks the flag's wiring: tests/test_orpo.py checks
     # chunked log-probs against unchunked ones)
-    everything = step["variants"] + att["variants"] + remat["variants"] + chunk["variants"]
+    unrolled = json.loads((tmp_path / "unrolled.json").read_text())
+    assert [(v["moe_impl"], v["scan_layers"]) for v in unrolled["variants"]] == [("auto", False)]
+    assert all(v["scan_layers"] is True for v in step["variants"])
+    everything = (step["variants"] + att["variants"] + remat["variants"] + chunk["variants"]
+                  + unrolled["variants"])
     for key in ("loss_step0", "grad_norm_step0"):
         values = [v[key] for v in everything]
         assert max(values) - min(values) <= 1e-5 * max(abs(x) for x in values), (key, values)

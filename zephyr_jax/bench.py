@@ -481,6 +481,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--remat", default=None,
                    help=f"one or a comma-separated list of {', '.join(REMAT_POLICIES)}: with the "
                         "other lists, every combination is timed (default: the config's)")
+    p.add_argument("--scan-layers", default=None,
+                   help="true, false or true,false: the decoder layers as one scan, or unrolled "
+                        "(no per-layer residual copies; longer compile); with the other lists, "
+                        "every combination is timed (default: the config's, true)")
     p.add_argument("--loss-chunk-size", type=int, default=CHUNK_SIZE,
                    help=f"positions per LM-head chunk of the loss (default {CHUNK_SIZE}); at least the "
                    "sequence length: one chunk, whose logits are kept for the backward pass "
@@ -503,30 +507,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.moe_impls = a.moe_impl.split(",") if a.moe_impl else []
     a.attention_impls = a.attention_impl.split(",") if a.attention_impl else []
     a.remats = a.remat.split(",") if a.remat else []
+    scans = a.scan_layers.split(",") if a.scan_layers else []
     for flag, given, allowed in (("--moe-impl", a.moe_impls, MOE_IMPLS),
                                  ("--attention-impl", a.attention_impls, ATTENTION_IMPLS),
-                                 ("--remat", a.remats, REMAT_POLICIES)):
+                                 ("--remat", a.remats, REMAT_POLICIES),
+                                 ("--scan-layers", scans, ("true", "false"))):
         for impl in given:
             if impl not in allowed:
                 p.error(f"{flag} {impl!r}: must be one of {', '.join(allowed)}")
+    a.scan_layers_list = [v == "true" for v in scans]
     return a
 
 
 def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: MixtralConfig,
                  pairs: int, seq: int) -> dict:
-    """Our step for each (moe_impl, attention_impl, remat) combination of the lists (and, with
+    """Our step for each (moe_impl, attention_impl, remat, scan_layers) combination of the lists (and, with
     `--reference hf`, the reference first, once): the result JSON's fields. The top-level numbers
     are the first combination's; `variants` holds one entry per combination (a failing one
     records its error and the rest still run)."""
     batch = make_batch(cfg.vocab_size, pairs, seq)
     tokens = 2 * pairs * seq
-    combos = [(m, att, r) for m in (a.moe_impls or [cfg.moe_impl])
+    combos = [(m, att, r, sc) for m in (a.moe_impls or [cfg.moe_impl])
               for att in (a.attention_impls or [cfg.attention_impl])
-              for r in (a.remats or [cfg.remat])]
+              for r in (a.remats or [cfg.remat])
+              for sc in (a.scan_layers_list or [cfg.scan_layers])]
     log(f"device {device.platform}:{device.device_kind}; config {name} (hidden {cfg.hidden_size}, "
         f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts top-"
         f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}, {cfg.dtype}); variants "
-        f"{', '.join('/'.join(c) for c in combos)} (moe/attention/remat); "
+        f"{', '.join('/'.join(map(_layers_word, c)) for c in combos)} "
+        "(moe/attention/remat/layers); "
         f"{pairs} pairs x {seq} tokens = {tokens} tokens/step; loss chunks of "
         f"{min(a.loss_chunk_size, seq)} positions")
     ref, ref_error = None, None
@@ -545,13 +554,15 @@ def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
         f"params + 6 x layers x seq x hidden); peak {peak / 1e12:.4g} TFLOP/s [{peak_source}]")
     # logged before our variants run, so a run cut short still has the reference in its log
     ref_fields = {} if ref is None else _compare(ref, tokens, fpt, peak)
-    variants = [_measure_variant(a, device, cfg, dict(moe_impl=m, attention_impl=att, remat=r),
-                                 batch, tokens, fpt, peak) for m, att, r in combos]
+    variants = [_measure_variant(a, device, cfg, dict(moe_impl=m, attention_impl=att, remat=r,
+                                                      scan_layers=sc),
+                                 batch, tokens, fpt, peak) for m, att, r, sc in combos]
     if ref is not None:
         for v in variants:
             if v.get("tokens_per_s"):
                 v["ratio"] = v["tokens_per_s"] / ref_fields["reference_tokens_per_s"]
-                log(f"ratio ours ({v['moe_impl']}, {v['attention_impl']}, remat {v['remat']}) / "
+                log(f"ratio ours ({v['moe_impl']}, {v['attention_impl']}, remat {v['remat']}, "
+                    f"layers {_layers_word(v['scan_layers'])}) / "
                     f"reference tokens/s = {v['ratio']:.3f}")
     first = variants[0]
     result = {"tokens_per_s": first.get("tokens_per_s"), "mfu": first.get("mfu"),
@@ -567,15 +578,24 @@ def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
     return result
 
 
+def _layers_word(value):
+    """How a variant runs its layers, for the log (other combination fields pass through)."""
+    if isinstance(value, bool):
+        return "scanned" if value else "unrolled"
+    return value
+
+
 def _measure_variant(a: argparse.Namespace, device: jax.Device, cfg: MixtralConfig,
                      variant: dict[str, str], batch: dict[str, np.ndarray], tokens: int,
                      fpt: float, peak: float) -> dict:
-    """One implementation's step (`cfg` with `variant`'s moe_impl, attention_impl and remat):
+    """One implementation's step (`cfg` with `variant`'s moe_impl, attention_impl, remat and
+    scan_layers):
     fresh weights (the step donates its state), compile, time."""
     out = {**variant, "moe_impl_resolved": dispatch.resolve(variant["moe_impl"], device.platform,
                                                             cfg.dtype)}
     tag = out["moe_impl"] + (f" -> {out['moe_impl_resolved']}" if out["moe_impl"] == "auto" else "")
-    tag += f", attention {out['attention_impl']}, remat {out['remat']}"
+    tag += (f", attention {out['attention_impl']}, remat {out['remat']}, layers "
+            f"{_layers_word(out['scan_layers'])}")
     try:
         cfg = cfg.replace(**variant)  # a combination the config rejects is this variant's error
         compiled, state, device_batch, compile_s = build_step(cfg, init_params(cfg), batch,

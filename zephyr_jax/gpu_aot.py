@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -233,6 +234,8 @@ def parse_args(argv):
     ap.add_argument("--moe-impl", default="auto", help="comma-separated moe_impl values")
     ap.add_argument("--remat", default="none", help="comma-separated remat policies")
     ap.add_argument("--attention-impl", default=None, help="default: cudnn (bf16 configs)")
+    ap.add_argument("--scan-layers", default="true",
+                    help="true, false or true,false: the layers scanned or unrolled (each a variant)")
     ap.add_argument("--batch-pairs", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--loss-chunk-size", type=int, default=None,
@@ -272,30 +275,36 @@ def main(argv: list[str] | None = None) -> int:
     chunk = bench.CHUNK_SIZE if a.loss_chunk_size is None else a.loss_chunk_size
     if chunk < 1:
         raise SystemExit(f"gpu_aot: --loss-chunk-size must be >= 1, got {chunk}")
+    scans = a.scan_layers.split(",")
+    if not set(scans) <= {"true", "false"}:
+        raise SystemExit(f"gpu_aot: --scan-layers must be true, false or true,false, got {a.scan_layers!r}")
     rows = []
-    for impl in a.moe_impl.split(","):
-        for remat in a.remat.split(","):
-            _, cfg = bench.cli_config("gpu_aot", a.config, "gpu", impl,
-                                      attention_impl=a.attention_impl, remat=remat)
-            row = {"moe_impl": impl, "remat": remat, "attention_impl": cfg.attention_impl}
-            try:
-                hlo_path = None
-                if a.dump_hlo:
-                    os.makedirs(a.dump_hlo, exist_ok=True)
-                    hlo_path = os.path.join(a.dump_hlo, f"{impl}_{remat}.hlo.txt")
-                row.update(compile_bench_step(cfg, target, pairs, seq, hlo_path, chunk))
-                row["fits"] = row["total_bytes"] <= limit
-                print(f"{impl:>9} {remat:>14}: {row['total_bytes'] / GiB:6.1f} GiB "
-                      f"(arguments {row['argument_bytes'] / GiB:.1f}, temporaries "
-                      f"{row['temp_bytes'] / GiB:.1f}; largest array {row['largest_array']}) "
-                      f"{'fits' if row['fits'] else 'DOES NOT FIT'}",
-                      flush=True)
-                print(f"{'':>25}{roofline.summary(row['roofline'], row['roofline']['model_flops'])}",
-                      flush=True)
-            except Exception as e:  # noqa: BLE001 - one variant's failure is a result, go on
-                row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-                print(f"{impl:>9} {remat:>14}: {row['error']}", flush=True)
-            rows.append(row)
+    for impl, remat, scan in itertools.product(a.moe_impl.split(","), a.remat.split(","), scans):
+        _, cfg = bench.cli_config("gpu_aot", a.config, "gpu", impl,
+                                  attention_impl=a.attention_impl, remat=remat)
+        cfg = cfg.replace(scan_layers=scan == "true")
+        row = {"moe_impl": impl, "remat": remat, "attention_impl": cfg.attention_impl,
+               "scan_layers": cfg.scan_layers}
+        layers = "" if cfg.scan_layers else " unrolled"
+        try:
+            hlo_path = None
+            if a.dump_hlo:
+                os.makedirs(a.dump_hlo, exist_ok=True)
+                hlo_path = os.path.join(a.dump_hlo,
+                                        f"{impl}_{remat}{layers.replace(' ', '_')}.hlo.txt")
+            row.update(compile_bench_step(cfg, target, pairs, seq, hlo_path, chunk))
+            row["fits"] = row["total_bytes"] <= limit
+            print(f"{impl:>9} {remat + layers:>23}: {row['total_bytes'] / GiB:6.1f} GiB "
+                  f"(arguments {row['argument_bytes'] / GiB:.1f}, temporaries "
+                  f"{row['temp_bytes'] / GiB:.1f}; largest array {row['largest_array']}) "
+                  f"{'fits' if row['fits'] else 'DOES NOT FIT'}",
+                  flush=True)
+            print(f"{'':>34}{roofline.summary(row['roofline'], row['roofline']['model_flops'])}",
+                  flush=True)
+        except Exception as e:  # noqa: BLE001 - one variant's failure is a result, go on
+            row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            print(f"{impl:>9} {remat + layers:>23}: {row['error']}", flush=True)
+        rows.append(row)
     print(json.dumps({"target": target.name, "memory_bytes": target.memory_bytes,
                       "mem_fraction": fraction, "limit_bytes": limit, "config": a.config,
                       "batch_pairs": pairs, "seq_len": seq, "loss_chunk_size": chunk,
