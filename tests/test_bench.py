@@ -157,6 +157,9 @@ def test_unknown_moe_impl_in_the_list_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--loss-chunk-size", "0"])
     assert e.value.code == 2 and "--loss-chunk-size 0: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--scan-layers", "true,no"])
+    assert e.value.code == 2 and "--scan-layers 'no': must be one of true, false" in capsys.readouterr().err
 
 
 def _host_round_trips(hlo_text: str) -> list[str]:

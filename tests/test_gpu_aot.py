@@ -44,6 +44,8 @@ def test_largest_array_reads_hlo_types():
     (["--mem-fraction", "1.5"], {}, "--mem-fraction must be a fraction in (0, 1], got 1.5"),
     ([], {"XLA_CLIENT_MEM_FRACTION": "most"}, "XLA_CLIENT_MEM_FRACTION must be a fraction"),
     (["--loss-chunk-size", "0"], {}, "gpu_aot: --loss-chunk-size must be >= 1, got 0"),
+    (["--scan-layers", "maybe"], {}, "gpu_aot: --scan-layers must be true, false or true,false, "
+                                     "got 'maybe'"),
 ])
 def test_a_bad_memory_fraction_or_chunk_size_is_named(flag, env, shown):
     proc = subprocess.run([sys.executable, "-m", "zephyr_jax.gpu_aot", *flag], cwd=ROOT,
