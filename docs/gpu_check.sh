@@ -12,7 +12,8 @@
 #    Every result is a JSON line in $OUT (default ./gpu_check_out): gemm.json, step.json,
 #    attention.json, and the full log gpu_check.log. Steps run in priority order, each under its
 #    own time cap and all within BUDGET_S (default 570 s), so a slow or failing step still leaves
-#    the others' results. Smoke test of the script on a CPU (tiny model, ~2 minutes):
+#    the others' results. STEPS=step,unrolled (names from the list below) runs only those, e.g. to
+#    rerun one that failed without spending the session's minutes on the rest. Smoke test of the script on a CPU (tiny model, ~2 minutes):
 #        CONFIG=tiny BENCH_ARGS="--batch-pairs 1 --seq-len 32 --steps 2 --warmup 1" \
 #            STEP_IMPLS=scan,dense UNROLLED_IMPLS=scan ATTENTION=xla bash docs/gpu_check.sh run
 #
@@ -52,7 +53,16 @@ prepare() {
     -d .whl "${WHEELS[@]}"
 }
 
+STEP_NAMES=(gemm step unrolled attention tokamax_tiles remat loss_chunk)
+
 run() {
+  local s
+  for s in ${STEPS:+${STEPS//,/ }}; do
+    if [[ " ${STEP_NAMES[*]} " != *" $s "* ]]; then
+      echo "error: STEPS names '$s', which is not a step (steps: ${STEP_NAMES[*]})" >&2
+      exit 2
+    fi
+  done
   OUT=${OUT:-gpu_check_out}
   mkdir -p "$OUT"
   BUDGET_S=${BUDGET_S:-570}
@@ -91,6 +101,10 @@ run() {
 step() {
   local name=$1 cap=$2
   shift 2
+  if [[ -n "${STEPS:-}" && ",$STEPS," != *",$name,"* ]]; then
+    echo "== $name: not in STEPS=$STEPS" | tee -a "$OUT/gpu_check.log"
+    return
+  fi
   local left=$((BUDGET_S - SECONDS))
   if ((left < 60)); then
     echo "== $name: skipped, ${left}s left of ${BUDGET_S}s" | tee -a "$OUT/gpu_check.log"

@@ -16,54 +16,60 @@ REQUIRED = ("tokens_per_s", "mfu", "reference_tokens_per_s", "ratio", "device", 
             "torch", "transformers", "config", "batch_pairs", "seq_len", "moe_impl")
 
 
-def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
-    """Also the bench CLI's acceptance test: the step it runs is `--reference hf` with a list."""
-    env = {**os.environ, "OUT": str(tmp_path), "CONFIG": "tiny", "STEP_IMPLS": "auto,dense",
+STEP_NAMES = ("gemm", "step", "unrolled", "attention", "tokamax_tiles", "remat", "loss_chunk")
+
+
+def _run_gpu_check(out: Path, **extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "CONFIG": "tiny", "STEP_IMPLS": "auto,dense",
            "UNROLLED_IMPLS": "auto",
-           "ATTENTION": "xla", "BENCH_ARGS": "--batch-pairs 1 --seq-len 16 --steps 1 --warmup 0"}
+           "ATTENTION": "xla", "BENCH_ARGS": "--batch-pairs 1 --seq-len 16 --steps 1 --warmup 0",
+           **extra}
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(["bash", "docs/gpu_check.sh", "run"], cwd=ROOT, env=env,
+    if "STEPS" not in extra:
+        env.pop("STEPS", None)
+    return subprocess.run(["bash", "docs/gpu_check.sh", "run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_check_gemm_and_step_write_the_issue_json(tmp_path):
+    """The default run's part (~50 s): the two steps that are the bench CLI's acceptance tests,
+    `--gemm` and the step `--reference hf` with a list, selected by STEPS; the whole script runs in
+    the slow test below (~2-3 min: seven bench processes)."""
+    proc = _run_gpu_check(tmp_path, STEPS="gemm,step")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (tmp_path / "gpu_check.log").read_text()
-    for name in ("gemm", "step", "unrolled", "attention", "tokamax_tiles", "remat", "loss_chunk"):
+    for name in ("gemm", "step"):
         assert f"== {name}: exit 0" in log, log[-3000:]
-    # the gemm step is `python -m zephyr_jax.bench --gemm` (the CLI's --gemm acceptance test)
-    rows = {r["op"]: r for r in json.loads((tmp_path / "gemm.json").read_text())["gemm"]}
-    timed = ("dense_matmul_same_flops", "batched_einsum_capacity", "ragged_dot", "scan_gmm[bm=128]",
-             "scan_gmm[bm=256]")
-    assert set(rows) >= {*timed, "ragged_dot_skewed", "scan_gmm_skewed"}
-    assert not any(op.startswith("pallas") for op in rows)  # interpret mode is not timed
-    for op in timed:
-        assert rows[op]["fwd_tflops"] > 0 and rows[op]["bwd_tflops"] > 0, rows[op]
-    for op in ("scan_gmm[bm=128]", "scan_gmm[bm=256]"):  # kernels: dx and dw also timed apart
-        assert rows[op]["dx_tflops"] > 0 and rows[op]["dw_tflops"] > 0, rows[op]
-    assert "dx_tflops" not in rows["ragged_dot"]
-    # the expert-parallel receive buffer's row: a quarter routed, its rate counted on those rows
-    quarter = rows["scan_gmm_quarter_routed"]
-    assert quarter["useful_fraction"] == 0.25 and quarter["bwd_tflops"] > 0, quarter
-    assert all(v <= 1e-5 for k, v in quarter.items() if k.endswith("_vs_ragged_dot")), quarter
-    assert "useful_fraction" not in rows["scan_gmm[bm=256]"]
+    for name in STEP_NAMES[2:]:
+        assert f"== {name}: not in STEPS=gemm,step" in log, log[-3000:]
+        assert not (tmp_path / f"{name}.json").exists()
+    _check_gemm(tmp_path)
+    step = _check_step(tmp_path)
+    for key in ("loss_step0", "grad_norm_step0"):
+        values = [v[key] for v in step["variants"]]
+        assert max(values) - min(values) <= 1e-5 * max(abs(x) for x in values), (key, values)
+
+
+def test_gpu_check_refuses_an_unknown_step_name(tmp_path):
+    proc = _run_gpu_check(tmp_path, STEPS="step,remats")
+    assert proc.returncode == 2
+    assert "STEPS names 'remats', which is not a step" in proc.stderr
+    assert not (tmp_path / "gpu_check.log").exists()  # refused before running anything
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
+    """Every step of the script, as a GPU session runs it."""
+    proc = _run_gpu_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "gpu_check.log").read_text()
+    for name in STEP_NAMES:
+        assert f"== {name}: exit 0" in log, log[-3000:]
+    _check_gemm(tmp_path)
     # no tokamax on this Python: the tile step keeps only its same-run dense baseline
     tiles = json.loads((tmp_path / "tokamax_tiles.json").read_text())
     assert [r["op"] for r in tiles["gemm"]] == ["dense_matmul_same_flops"]
-    # the step: `python -m zephyr_jax.bench --reference hf` with a list of implementations, whose
-    # last line is the issue's JSON
-    step = json.loads((tmp_path / "step.json").read_text())
-    assert set(REQUIRED) <= set(step)
-    for key in ("tokens_per_s", "mfu", "reference_tokens_per_s", "ratio"):
-        assert isinstance(step[key], float) and math.isfinite(step[key]) and step[key] > 0, key
-    assert step["ratio"] == pytest.approx(step["tokens_per_s"] / step["reference_tokens_per_s"])
-    assert step["config"] == "tiny" and step["moe_impl"] == "auto"
-    assert step["moe_impl_resolved"] == "scan"  # the CPU's choice
-    assert (step["batch_pairs"], step["seq_len"], step["tokens_per_step"]) == (1, 16, 32)
-    assert all(step[k] for k in ("jax", "jaxlib", "torch", "transformers", "device"))
-    assert step["peak_memory_bytes"] > 0 and step["reference_peak_memory_bytes"] > 0
-    # every implementation listed is timed against the one reference
-    assert [v["moe_impl"] for v in step["variants"]] == ["auto", "dense"]
-    for v in step["variants"]:
-        assert v["tokens_per_s"] > 0
-        assert v["ratio"] == pytest.approx(v["tokens_per_s"] / step["reference_tokens_per_s"])
+    step = _check_step(tmp_path)
     # --remat as a list: one variant per policy, each with its own compiled-memory estimate
     remat = json.loads((tmp_path / "remat.json").read_text())
     assert [v["remat"] for v in remat["variants"]] == ["save_matmuls", "save_attention"]
@@ -84,3 +90,43 @@ def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
     for key in ("loss_step0", "grad_norm_step0"):
         values = [v[key] for v in everything]
         assert max(values) - min(values) <= 1e-5 * max(abs(x) for x in values), (key, values)
+
+
+def _check_gemm(tmp_path: Path) -> None:
+    # the gemm step is `python -m zephyr_jax.bench --gemm` (the CLI's --gemm acceptance test)
+    rows = {r["op"]: r for r in json.loads((tmp_path / "gemm.json").read_text())["gemm"]}
+    timed = ("dense_matmul_same_flops", "batched_einsum_capacity", "ragged_dot", "scan_gmm[bm=128]",
+             "scan_gmm[bm=256]")
+    assert set(rows) >= {*timed, "ragged_dot_skewed", "scan_gmm_skewed"}
+    assert not any(op.startswith("pallas") for op in rows)  # interpret mode is not timed
+    for op in timed:
+        assert rows[op]["fwd_tflops"] > 0 and rows[op]["bwd_tflops"] > 0, rows[op]
+    for op in ("scan_gmm[bm=128]", "scan_gmm[bm=256]"):  # kernels: dx and dw also timed apart
+        assert rows[op]["dx_tflops"] > 0 and rows[op]["dw_tflops"] > 0, rows[op]
+    assert "dx_tflops" not in rows["ragged_dot"]
+    # the expert-parallel receive buffer's row: a quarter routed, its rate counted on those rows
+    quarter = rows["scan_gmm_quarter_routed"]
+    assert quarter["useful_fraction"] == 0.25 and quarter["bwd_tflops"] > 0, quarter
+    assert all(v <= 1e-5 for k, v in quarter.items() if k.endswith("_vs_ragged_dot")), quarter
+    assert "useful_fraction" not in rows["scan_gmm[bm=256]"]
+
+
+def _check_step(tmp_path: Path) -> dict:
+    # the step: `python -m zephyr_jax.bench --reference hf` with a list of implementations, whose
+    # last line is the issue's JSON
+    step = json.loads((tmp_path / "step.json").read_text())
+    assert set(REQUIRED) <= set(step)
+    for key in ("tokens_per_s", "mfu", "reference_tokens_per_s", "ratio"):
+        assert isinstance(step[key], float) and math.isfinite(step[key]) and step[key] > 0, key
+    assert step["ratio"] == pytest.approx(step["tokens_per_s"] / step["reference_tokens_per_s"])
+    assert step["config"] == "tiny" and step["moe_impl"] == "auto"
+    assert step["moe_impl_resolved"] == "scan"  # the CPU's choice
+    assert (step["batch_pairs"], step["seq_len"], step["tokens_per_step"]) == (1, 16, 32)
+    assert all(step[k] for k in ("jax", "jaxlib", "torch", "transformers", "device"))
+    assert step["peak_memory_bytes"] > 0 and step["reference_peak_memory_bytes"] > 0
+    # every implementation listed is timed against the one reference
+    assert [v["moe_impl"] for v in step["variants"]] == ["auto", "dense"]
+    for v in step["variants"]:
+        assert v["tokens_per_s"] > 0
+        assert v["ratio"] == pytest.approx(v["tokens_per_s"] / step["reference_tokens_per_s"])
+    return step

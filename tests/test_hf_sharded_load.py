@@ -99,6 +99,9 @@ def test_each_process_reads_and_holds_only_its_experts(hf_dir):
                       for r in results}))
 
 
+# Slow (~35 s, two jax.distributed processes): the default run keeps the per-process read test
+# above and the read layout's specs (test_sharding)
+@pytest.mark.slow
 def test_cluster_layout_and_dtype_cast(hf_dir, tmp_path):
     """data across the processes, experts inside each (the 4x8 layout, scaled down), bf16 params
     from float32 files, and the fused-experts layout: values are checked in the subprocess."""

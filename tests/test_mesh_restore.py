@@ -30,6 +30,9 @@ COMMON = ["--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "s
 ON_8 = ["--mesh", "{data: 2, expert: 4}", "--per_device_train_batch_size", "1"]
 ON_4 = ["--mesh", "{data: 4}", "--per_device_train_batch_size", "2"]
 
+# both tests share one expensive module fixture: keep them on one xdist worker
+pytestmark = pytest.mark.xdist_group("saved_on_8")
+
 
 def _env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
@@ -96,6 +99,9 @@ def test_restore_onto_other_meshes_is_bitwise(saved_on_8, tmp_path):
     assert by_mesh[(4, 1)]["w1_shard_shape"] == [2, 4, 16, 128]
 
 
+# Slow (~45 s): the default run keeps the bitwise restore onto other meshes (above), which this
+# builds on, and the trainer's resume on one mesh (test_train)
+@pytest.mark.slow
 def test_trainer_resumes_on_another_mesh(saved_on_8, tmp_path):
     on4, on8 = str(tmp_path / "on4"), str(tmp_path / "on8")
     shutil.copytree(saved_on_8, on4)

@@ -88,6 +88,7 @@ def test_demo_learns_and_writes_every_artifact(tmp_path):
     assert (out / "hf" / "tokenizer.json").exists()
 
 
+@pytest.mark.xdist_group("straight_run")  # one worker builds the fixture once
 def test_kill_9_then_resume_is_bitwise_identical(straight_run, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(out, *QUICK), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -109,6 +110,7 @@ def test_kill_9_then_resume_is_bitwise_identical(straight_run, tmp_path):
     assert_bitwise_equal(final_params(out), final_params(straight_run))
 
 
+@pytest.mark.xdist_group("straight_run")  # one worker builds the fixture once
 def test_sigterm_saves_a_checkpoint_and_resumes(straight_run, tmp_path):
     out = tmp_path / "preempted"
     proc = subprocess.Popen(train_cmd(out, *QUICK), cwd=ROOT, stdout=subprocess.PIPE,
