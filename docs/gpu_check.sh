@@ -13,7 +13,8 @@
 #    attention.json, and the full log gpu_check.log. Steps run in priority order, each under its
 #    own time cap and all within BUDGET_S (default 570 s), so a slow or failing step still leaves
 #    the others' results. STEPS=step,unrolled (names from the list below) runs only those, e.g. to
-#    rerun one that failed without spending the session's minutes on the rest. Smoke test of the script on a CPU (tiny model, ~2 minutes):
+#    rerun one that failed without spending the session's minutes on the rest; a name that is not
+#    a step is refused before anything runs. Smoke test of the script on a CPU (tiny model, ~2 min):
 #        CONFIG=tiny BENCH_ARGS="--batch-pairs 1 --seq-len 32 --steps 2 --warmup 1" \
 #            STEP_IMPLS=scan,dense UNROLLED_IMPLS=scan ATTENTION=xla bash docs/gpu_check.sh run
 #
@@ -53,16 +54,27 @@ prepare() {
     -d .whl "${WHEELS[@]}"
 }
 
+# every step run() calls, in its order: what STEPS is checked against (step() refuses a name
+# missing here, so a new step cannot be added without it)
 STEP_NAMES=(gemm step unrolled attention tokamax_tiles remat loss_chunk)
+SELECTED=""  # " name name " when STEPS is set (commas or spaces between names): only those run
 
 run() {
-  local s
-  for s in ${STEPS:+${STEPS//,/ }}; do
-    if [[ " ${STEP_NAMES[*]} " != *" $s "* ]]; then
-      echo "error: STEPS names '$s', which is not a step (steps: ${STEP_NAMES[*]})" >&2
+  if [[ -n "${STEPS+set}" ]]; then
+    local s
+    SELECTED=" "
+    for s in ${STEPS//,/ }; do
+      if [[ " ${STEP_NAMES[*]} " != *" $s "* ]]; then
+        echo "error: STEPS names '$s', which is not a step (steps: ${STEP_NAMES[*]})" >&2
+        exit 2
+      fi
+      SELECTED+="$s "
+    done
+    if [[ "$SELECTED" == " " ]]; then
+      echo "error: STEPS='$STEPS' names no step (steps: ${STEP_NAMES[*]}); unset it to run all" >&2
       exit 2
     fi
-  done
+  fi
   OUT=${OUT:-gpu_check_out}
   mkdir -p "$OUT"
   BUDGET_S=${BUDGET_S:-570}
@@ -101,7 +113,11 @@ run() {
 step() {
   local name=$1 cap=$2
   shift 2
-  if [[ -n "${STEPS:-}" && ",$STEPS," != *",$name,"* ]]; then
+  if [[ " ${STEP_NAMES[*]} " != *" $name "* ]]; then
+    echo "error: step '$name' is missing from STEP_NAMES" >&2
+    exit 3
+  fi
+  if [[ -n "${SELECTED:-}" && "$SELECTED" != *" $name "* ]]; then
     echo "== $name: not in STEPS=$STEPS" | tee -a "$OUT/gpu_check.log"
     return
   fi

@@ -35,9 +35,11 @@ SHAPE = dict(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_lay
 # checked the same way on 2026-11-27 and passed; the training parity tests run both layouts.)
 MESHES = ["data=2,expert=4"]
 
-# Slow (~80-90 s on CI's 2 cores, one 8-device subprocess): the default run keeps generation
-# parity with transformers on one device (test_generate) and the chat CLI on 4 devices answering
-# as on one (test_chat). Both tests share one module fixture: one xdist worker builds it once.
+# Slow (its fixture's 8-device subprocess took 81-86 s in this suite on a 2-core machine): the
+# default run keeps generation parity with transformers on one device (test_generate) and the chat
+# CLI on 4 devices answering as on one (test_chat); only here: decoding through the ragged
+# exchange, and bf16 weights on a mesh. Both tests share one module fixture, so one xdist worker
+# builds it once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("generate_mesh_runs")]
 
 

@@ -25,7 +25,7 @@ def _run_gpu_check(out: Path, **extra: str) -> subprocess.CompletedProcess:
            "ATTENTION": "xla", "BENCH_ARGS": "--batch-pairs 1 --seq-len 16 --steps 1 --warmup 0",
            **extra}
     env.pop("XLA_FLAGS", None)
-    if "STEPS" not in extra:
+    if "STEPS" not in extra:  # an exported STEPS would select steps here
         env.pop("STEPS", None)
     return subprocess.run(["bash", "docs/gpu_check.sh", "run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -40,20 +40,33 @@ def test_gpu_check_gemm_and_step_write_the_issue_json(tmp_path):
     log = (tmp_path / "gpu_check.log").read_text()
     for name in ("gemm", "step"):
         assert f"== {name}: exit 0" in log, log[-3000:]
-    for name in STEP_NAMES[2:]:
+    for name in set(STEP_NAMES) - {"gemm", "step"}:
         assert f"== {name}: not in STEPS=gemm,step" in log, log[-3000:]
         assert not (tmp_path / f"{name}.json").exists()
     _check_gemm(tmp_path)
-    step = _check_step(tmp_path)
-    for key in ("loss_step0", "grad_norm_step0"):
-        values = [v[key] for v in step["variants"]]
-        assert max(values) - min(values) <= 1e-5 * max(abs(x) for x in values), (key, values)
+    _assert_same_step0(_check_step(tmp_path)["variants"])
 
 
-def test_gpu_check_refuses_an_unknown_step_name(tmp_path):
-    proc = _run_gpu_check(tmp_path, STEPS="step,remats")
+def test_gpu_check_steps_selects_by_name_with_commas_or_spaces(tmp_path):
+    """BUDGET_S=0: every selected step is reached and skipped for time (no bench runs), every other
+    one is reported as not selected."""
+    proc = _run_gpu_check(tmp_path, STEPS="unrolled, remat", BUDGET_S="0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "gpu_check.log").read_text()
+    for name in STEP_NAMES:
+        chosen = name in ("unrolled", "remat")
+        assert (f"== {name}: skipped," in log) == chosen, (name, log[-3000:])
+        assert (f"== {name}: not in STEPS=" in log) != chosen, (name, log[-3000:])
+
+
+@pytest.mark.parametrize(("steps", "message"), [
+    ("step,remats", "STEPS names 'remats', which is not a step"),
+    (",", "STEPS=',' names no step"),
+])
+def test_gpu_check_refuses_steps_naming_no_step(tmp_path, steps, message):
+    proc = _run_gpu_check(tmp_path, STEPS=steps)
     assert proc.returncode == 2
-    assert "STEPS names 'remats', which is not a step" in proc.stderr
+    assert message in proc.stderr and "steps: gemm step unrolled" in proc.stderr, proc.stderr
     assert not (tmp_path / "gpu_check.log").exists()  # refused before running anything
 
 
@@ -85,10 +98,13 @@ def test_gpu_check_runs_every_step_and_writes_json(tmp_path):
     unrolled = json.loads((tmp_path / "unrolled.json").read_text())
     assert [(v["moe_impl"], v["scan_layers"]) for v in unrolled["variants"]] == [("auto", False)]
     assert all(v["scan_layers"] is True for v in step["variants"])
-    everything = (step["variants"] + att["variants"] + remat["variants"] + chunk["variants"]
-                  + unrolled["variants"])
+    _assert_same_step0(step["variants"] + att["variants"] + remat["variants"] + chunk["variants"]
+                       + unrolled["variants"])
+
+
+def _assert_same_step0(variants: list[dict]) -> None:
     for key in ("loss_step0", "grad_norm_step0"):
-        values = [v[key] for v in everything]
+        values = [v[key] for v in variants]
         assert max(values) - min(values) <= 1e-5 * max(abs(x) for x in values), (key, values)
 
 

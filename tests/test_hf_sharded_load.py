@@ -99,8 +99,8 @@ def test_each_process_reads_and_holds_only_its_experts(hf_dir):
                       for r in results}))
 
 
-# Slow (~35 s, two jax.distributed processes): the default run keeps the per-process read test
-# above and the read layout's specs (test_sharding)
+# Slow (30-36 s in this suite on a 2-core machine: two jax.distributed processes): the default
+# run keeps the per-process read test above and the read layout's specs (test_sharding)
 @pytest.mark.slow
 def test_cluster_layout_and_dtype_cast(hf_dir, tmp_path):
     """data across the processes, experts inside each (the 4x8 layout, scaled down), bf16 params

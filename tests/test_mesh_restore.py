@@ -99,8 +99,8 @@ def test_restore_onto_other_meshes_is_bitwise(saved_on_8, tmp_path):
     assert by_mesh[(4, 1)]["w1_shard_shape"] == [2, 4, 16, 128]
 
 
-# Slow (~45 s): the default run keeps the bitwise restore onto other meshes (above), which this
-# builds on, and the trainer's resume on one mesh (test_train)
+# Slow (38-46 s in this suite on a 2-core machine): the default run keeps the bitwise restore onto
+# other meshes (above), which this builds on, and the trainer's resume on one mesh (test_train)
 @pytest.mark.slow
 def test_trainer_resumes_on_another_mesh(saved_on_8, tmp_path):
     on4, on8 = str(tmp_path / "on4"), str(tmp_path / "on8")

@@ -422,8 +422,8 @@ def test_auto_moe_impl_is_chosen_per_platform():
     np.testing.assert_array_equal(y_auto, y_scan)
 
 
-# The recipe's policy ("full") and the bench's ("save_attention") in the default run; the others
-# compile ~8 s each on CI's cores, so they run with -m slow.
+# The recipe's policy ("full") and the bench's ("save_attention") in the default run; the other
+# three run with -m slow (all five took 46-54 s in this suite on a 2-core machine).
 @pytest.mark.parametrize("policies", [
     ("full", "save_attention"),
     pytest.param(("dots", "dots_no_batch", "save_matmuls"), marks=pytest.mark.slow),

@@ -90,8 +90,8 @@ def test_8_devices_data2_expert4_matches_single_device():
     _check(result, expert_size=4, data_size=2, ragged_exchange=True)
 
 
-# The recipe's 4 x 8 layout at parity, with full remat (~75-95 s on CI's 2 cores): slow since the
-# suite outgrew CI's 15 minutes. The default run keeps expert-parallel parity on 8 devices (above,
+# The recipe's 4 x 8 layout at parity, with full remat: slow (75-76 s in this suite on a 2-core
+# machine). The default run keeps expert-parallel parity on 8 devices (above,
 # the harder case: ragged exchange, check_exchange), the 4 x 8 rules' specs (test_sharding) and the
 # 141B step compiled for 4 x 8 (test_plan).
 @pytest.mark.slow
