@@ -32,8 +32,9 @@ VENV=${VENV:-/tmp/zephyr-gpu-stack}
 # the GPU image's versions (the device tool's KINDS.md), and tokamax for moe_impl=tokamax
 # with jax's CUDA plugin and NVIDIA's libraries (~3 GB; they load without a GPU), for
 # tests/test_gpu_aot.py: compiling for an H100 here
+# (pytest-xdist: pyproject's addopts pass --dist, which plain pytest refuses)
 "$VENV/bin/pip" install -q "jax[cuda13]==0.11.2" jaxlib==0.11.2 flax==0.12.12 \
-  transformers==5.17.0 trl==1.16.0 tokamax==0.0.17 pytest
+  transformers==5.17.0 trl==1.16.0 tokamax==0.0.17 pytest pytest-xdist
 if [ -n "${WITH_TORCH:-}" ]; then "$VENV/bin/pip" install -q torch==2.11.0; fi
 # the project without its test extra (which pins CI's CPU torch 2.13.0)
 "$VENV/bin/pip" install -q -e . nbclient nbformat ipykernel matplotlib ruff

@@ -160,8 +160,10 @@ def test_dispatch_paths_agree_forward_and_gradients(impl):
         y, _ = fn(x, idx, w, w1, w3, w2, **kwargs)
         return jnp.sum(jnp.sin(y))
 
-    ref_val, ref_grads = jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5))(dispatch.dense, x, w, w1, w3, w2)
-    val, grads = jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5))(dispatch.DISPATCH[impl], x, w, w1, w3, w2)
+    # jitted, as the model runs them (eager dispatch of each op took most of this test's time)
+    vg = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5)), static_argnums=0)
+    ref_val, ref_grads = vg(dispatch.dense, x, w, w1, w3, w2)
+    val, grads = vg(dispatch.DISPATCH[impl], x, w, w1, w3, w2)
     np.testing.assert_allclose(val, ref_val, rtol=1e-6)
     for g, rg in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(rg))))
