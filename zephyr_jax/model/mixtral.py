@@ -189,6 +189,51 @@ def _constrain_activations(x_BTD):
     return constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
 
 
+def _recompute_in_order(layer):
+    """`layer` under full remat when the layers are unrolled: it saves its inputs only and
+    recomputes itself in its backward pass, which runs strictly after the next layer's.
+
+    A scan orders the layers' backward passes by itself. Unrolled, XLA orders them only by data,
+    and `optimization_barrier` (`prevent_cse`'s too) is removed before scheduling. So the 141B
+    recipe on 4 x 8 H100s compiled to 241 GiB per device against 51 scanned: recomputations moved
+    into the forward pass (XLA:CPU), the forward's gathered weights reused in the backward, and
+    weight-gradient work of many layers deferred to the end (docs/PERFORMANCE.md, "Unrolled
+    layers under full remat"). Three data dependences, each through an exact zero XLA cannot fold:
+    the saved input waits for the cotangent; the saved weights come through a dynamic slice at an
+    index from it (an added zero was moved past the weights' all-gather); the input's cotangent
+    waits for this layer's weight gradients. Values are unchanged (+-0 added, index 0). The
+    cost, seen in that build: FSDP weight gradients are all-reduced where the scan reduce-scatters
+    them, and each layer's finishes before the next layer's backward pass starts.
+    """
+
+    def exact_zero(a):
+        # +-0 whatever the entry is (nan_to_num: never inf * 0 = nan)
+        return jnp.nan_to_num(a.reshape(-1)[0].astype(jnp.float32)) * 0
+
+    @jax.custom_vjp
+    def wrapped(x, xs):
+        return layer(x, xs)
+
+    def fwd(x, xs):
+        return layer(x, xs), (x, xs)
+
+    def bwd(saved, g):
+        x, xs = saved
+        zero = exact_zero(g[0])  # g[0]: the cotangent of the layer's output x
+        x = x + zero.astype(x.dtype)
+        index = zero.astype(jnp.int32)
+        xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(
+            jnp.stack([a, a]), index, axis=0, keepdims=False), xs)  # a new, unsharded axis
+        _, vjp_fn = jax.vjp(layer, x, xs)
+        dx, dxs = vjp_fn(g)
+        done = sum(exact_zero(d) for d in jax.tree.leaves(dxs)
+                   if jnp.issubdtype(d.dtype, jnp.floating))
+        return dx + done.astype(dx.dtype), dxs
+
+    wrapped.defvjp(fwd, bwd)
+    return wrapped
+
+
 def _layer_loop(body, x, xs, scan: bool):
     """`jax.lax.scan(body, x, xs)`, or the same loop unrolled in Python (each layer's slices
     static, its outputs stacked at the end) when `scan` is False."""
@@ -266,7 +311,9 @@ class Mixtral(nnx.Module):
             x, stats, new_kv = _decoder_layer(cfg, p, x, cos_BTH, sin_BTH, mask_BTS, token_valid_N, kv)
             return x, (stats, new_kv)
 
-        if cfg.remat != "none":
+        if cfg.remat == "full" and not cfg.scan_layers:
+            body = _recompute_in_order(body)
+        elif cfg.remat != "none":
             # inside a scan XLA cannot merge the recomputation with the forward pass; unrolled it
             # can, and would undo the remat (the compiled H100 bench step kept every residual)
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat],
