@@ -648,8 +648,9 @@ def test_unrolled_full_remat_keeps_what_the_scan_keeps(monkeypatch):
     """Unrolled, full remat must keep per layer about what the scan keeps (its inputs), not every
     activation: XLA:CPU scheduled the recomputations into the forward pass, the compiled H100
     recipe held 241 GiB per device (docs/PERFORMANCE.md). Control: plain `jax.checkpoint`
-    unrolled. Measured temporaries at 4 / 6 / 8 layers: scanned 3.09 / 3.15 / 3.22 MiB, ordered
-    3.73 / 4.07 / 3.51, control 9.06 / 13.17 / 16.5. Gradients equal the scanned model's."""
+    unrolled. Measured temporaries at 4 / 6 / 8 layers (jax 0.10.2): scanned 3.09 / 3.15 / 3.22
+    MiB, ordered 3.73 / 4.07 / 3.51, control 9.06 / 13.17 / 16.5. Gradients equal the scanned
+    model's."""
     from zephyr_jax.model import mixtral
 
     cfg = MixtralConfig.preset("tiny").replace(num_hidden_layers=6, remat="full", moe_impl="dense")
@@ -660,7 +661,12 @@ def test_unrolled_full_remat_keeps_what_the_scan_keeps(monkeypatch):
                         lambda body: jax.checkpoint(body, prevent_cse=True))
     control = _full_remat_grad_temp_bytes(cfg.replace(scan_layers=False), ids)
     monkeypatch.undo()
-    assert unrolled <= 1.5 * scanned and control >= 2.5 * scanned, (unrolled, scanned, control)
+    assert unrolled <= 1.5 * scanned, (unrolled, scanned, control)
+    # The control shows the failure only where XLA:CPU has it: jax 0.10 (CI's) holds every layer's
+    # activations (13.17 MiB against 3.15 scanned); jax 0.11's does not (3.65 against 3.15),
+    # while the H100 build of jax 0.11 does (27.53 -> 15.99 GiB at 8 layers with the ordering)
+    if jax.__version__.startswith("0.10."):
+        assert control >= 2.5 * scanned, (unrolled, scanned, control)
 
     cfg = cfg.replace(num_hidden_layers=2, moe_impl="auto")
     ids, mask = ids[:2, :9], jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
