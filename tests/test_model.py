@@ -160,7 +160,7 @@ def test_dispatch_paths_agree_forward_and_gradients(impl):
         y, _ = fn(x, idx, w, w1, w3, w2, **kwargs)
         return jnp.sum(jnp.sin(y))
 
-    # jitted, as the model runs them (eager dispatch of each op took most of this test's time)
+    # jitted, as the model runs them (eager op-by-op dispatch: 12.2 s for the four cases alone, 6.8 jitted)
     vg = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5)), static_argnums=0)
     ref_val, ref_grads = vg(dispatch.dense, x, w, w1, w3, w2)
     val, grads = vg(dispatch.DISPATCH[impl], x, w, w1, w3, w2)
@@ -557,22 +557,24 @@ def test_named_remat_policies_keep_cudnn_attention_residuals(cudnn_present, poli
     assert text.count("custom_call @__cudnn$fmhaSoftmaxBackward(") == 1
 
 
+def _grad_temp_bytes(cfg, ids) -> int:
+    """Temporaries of the compiled gradient of mean(logits^2) (abstract parameters: compiled only)."""
+    params = jax.eval_shape(lambda: zj.params_dict(zj.Mixtral(cfg, rngs=nnx.Rngs(0))))
+
+    def loss(p):
+        return jnp.mean(zj.model_from_params(cfg, p)(ids) ** 2)
+
+    return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+
 def test_named_remat_policies_trade_memory_for_recompute():
     """With the MoE activations dominant (dense dispatch, small vocabulary), the compiled step's
     temporaries shrink from no remat to save_matmuls to save_attention to full."""
     cfg = MixtralConfig.preset("tiny").replace(vocab_size=64, intermediate_size=256,
                                                moe_impl="dense")
     ids = jax.random.randint(jax.random.key(0), (4, 64), 0, cfg.vocab_size)
-    params = zj.params_dict(zj.Mixtral(cfg, rngs=nnx.Rngs(0)))
-
-    def temp_bytes(policy):
-        def loss(p):
-            return jnp.mean(zj.model_from_params(cfg.replace(remat=policy), p)(ids) ** 2)
-
-        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    t = {p: temp_bytes(p) for p in ("none", "save_matmuls", "save_attention", "full")}
+    t = {p: _grad_temp_bytes(cfg.replace(remat=p), ids)
+         for p in ("none", "save_matmuls", "save_attention", "full")}
     assert t["none"] > t["save_matmuls"] > t["save_attention"] >= t["full"], t
 
 
@@ -600,13 +602,15 @@ def test_compiled_program_does_not_grow_with_depth():
     assert eight <= 1.05 * two, (two, eight)
 
 
-def test_unrolled_layers_equal_the_scan():
+# "full": unrolled, it runs mixtral._recompute_in_order (a custom VJP), not jax.checkpoint
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_equal_the_scan(remat):
     """`scan_layers: false` runs the same layers unrolled: logits, router statistics, every
     gradient and greedy generation (the KV cache through the same loop) equal the scanned
     model's; no loop runs over the stacked layer weights, as the scanned one's does (control)."""
     from zephyr_jax.generation import generate_ids
 
-    cfg = MixtralConfig.preset("tiny")
+    cfg = MixtralConfig.preset("tiny").replace(remat=remat)
     ids = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
     mask = jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
     params = zj.params_dict(zj.Mixtral(cfg, rngs=nnx.Rngs(0)))
@@ -635,31 +639,22 @@ def test_unrolled_layers_equal_the_scan():
     assert t2 == t1
 
 
-def _full_remat_grad_temp_bytes(cfg, ids) -> int:
-    params = jax.eval_shape(lambda: zj.params_dict(zj.Mixtral(cfg, rngs=nnx.Rngs(0))))
-
-    def loss(p):
-        return jnp.mean(zj.model_from_params(cfg, p)(ids) ** 2)
-
-    return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
-
-
 def test_unrolled_full_remat_keeps_what_the_scan_keeps(monkeypatch):
     """Unrolled, full remat must keep per layer about what the scan keeps (its inputs), not every
     activation: XLA:CPU scheduled the recomputations into the forward pass, the compiled H100
     recipe held 241 GiB per device (docs/PERFORMANCE.md). Control: plain `jax.checkpoint`
     unrolled. Measured temporaries at 4 / 6 / 8 layers (jax 0.10.2): scanned 3.09 / 3.15 / 3.22
-    MiB, ordered 3.73 / 4.07 / 3.51, control 9.06 / 13.17 / 16.5. Gradients equal the scanned
-    model's."""
+    MiB, ordered 3.73 / 4.07 / 3.51, control 9.06 / 13.17 / 16.5. Its values (logits, router
+    statistics, gradients, generation) are test_unrolled_layers_equal_the_scan's "full" case."""
     from zephyr_jax.model import mixtral
 
     cfg = MixtralConfig.preset("tiny").replace(num_hidden_layers=6, remat="full", moe_impl="dense")
     ids = jax.random.randint(jax.random.key(0), (4, 64), 0, cfg.vocab_size)
-    scanned = _full_remat_grad_temp_bytes(cfg, ids)
-    unrolled = _full_remat_grad_temp_bytes(cfg.replace(scan_layers=False), ids)
+    scanned = _grad_temp_bytes(cfg, ids)
+    unrolled = _grad_temp_bytes(cfg.replace(scan_layers=False), ids)
     monkeypatch.setattr(mixtral, "_recompute_in_order",
                         lambda body: jax.checkpoint(body, prevent_cse=True))
-    control = _full_remat_grad_temp_bytes(cfg.replace(scan_layers=False), ids)
+    control = _grad_temp_bytes(cfg.replace(scan_layers=False), ids)
     monkeypatch.undo()
     assert unrolled <= 1.5 * scanned, (unrolled, scanned, control)
     # The control shows the failure only where XLA:CPU has it: jax 0.10 (CI's) holds every layer's
@@ -667,21 +662,6 @@ def test_unrolled_full_remat_keeps_what_the_scan_keeps(monkeypatch):
     # while the H100 build of jax 0.11 does (27.53 -> 15.99 GiB at 8 layers with the ordering)
     if jax.__version__.startswith("0.10."):
         assert control >= 2.5 * scanned, (unrolled, scanned, control)
-
-    cfg = cfg.replace(num_hidden_layers=2, moe_impl="auto")
-    ids, mask = ids[:2, :9], jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
-    params = zj.params_dict(zj.Mixtral(cfg, rngs=nnx.Rngs(0)))
-
-    def grad_of(c):
-        def loss(p):
-            logits, stats = zj.model_from_params(c, p)(ids, mask, return_stats=True)
-            return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + stats.aux_loss
-
-        return jax.jit(jax.grad(loss))(params)
-
-    grads = [grad_of(cfg.replace(scan_layers=scan)) for scan in (True, False)]
-    for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b)) + 1e-30))
 
 
 @pytest.mark.parametrize(
