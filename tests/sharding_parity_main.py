@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", default="ragged")
     ap.add_argument("--remat", default="none")
     ap.add_argument("--seq", type=int, default=8)
+    ap.add_argument("--unrolled", action="store_true", help="scan_layers false")
     ap.add_argument("--ragged-exchange", action="store_true",
                     help="also check the dispatch with moe_exchange 'ragged'")
     args = ap.parse_args(argv)
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     result = {"devices": jax.device_count(), "mesh": dict(mesh.shape), "batch": [B, T], "impls": {}}
     for impl in args.impls.split(","):
         cfg = MixtralConfig.preset("tiny", num_local_experts=8, num_experts_per_tok=2,
-                                   moe_impl=impl, remat=args.remat)
+                                   moe_impl=impl, remat=args.remat,
+                                   scan_layers=not args.unrolled)
         zs.validate(mesh, cfg, global_batch=B)
         model = Mixtral(cfg, rngs=nnx.Rngs(0))
         if "init_sharded" not in result:  # built directly on the mesh: same draws, same layout

@@ -81,8 +81,8 @@ class MixtralConfig:
     attention_impl: str = "xla"
     # the decoder layers as one `jax.lax.scan` (compile time independent of depth) or unrolled
     # (each layer its own code: no per-layer residual copies into loop-carried stacks, which
-    # a scan's backward pass needs; longer compiles, and the 141B recipe's 4x8 plan grew from 51 to
-    # 241 GiB per device unrolled: for one device). MaxText's `scan_layers`.
+    # a scan's backward pass needs; compiles grow with depth: the 141B recipe's 4x8 plan takes
+    # 13 min unrolled against 45 s, for 42.7 against 51.0 GiB per device). MaxText's `scan_layers`.
     scan_layers: bool = True
 
     def __post_init__(self):
