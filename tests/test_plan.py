@@ -142,7 +142,7 @@ def test_unrolled_full_remat_reduce_scatters_the_weight_gradients_as_the_scan_do
     layers: 51 all-reduces, 5.23 GiB); with the constraint but its ordering zero read from one
     entry of each gradient, XLA gathered the gradients back (73 arrays all-gathered against the
     scan's 62; at 141B / 8 layers 113 all-gathers against 97). Both fail here."""
-    def collectives(overrides: str) -> tuple[list, list, list]:
+    def collectives(overrides: str) -> tuple[list, list, int]:
         hlo = tmp_path / "step.hlo"
         proc, r = _plan_cli(*TINY_PLAN, "--target", "h100", "--dump_hlo", str(hlo),
                             "--model_overrides", overrides)
