@@ -10,7 +10,6 @@ figure).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 from zephyr_jax.config import ConfigError, MixtralConfig
 from zephyr_jax.gpu_aot import cuda_plugin_installed
+from zephyr_jax.hlo_text import arrays, largest_array_bytes
 from zephyr_jax.plan import (
     analytic_flops,
     hlo_collectives,
@@ -148,13 +148,13 @@ def test_unrolled_full_remat_reduce_scatters_the_weight_gradients_as_the_scan_do
                             "--model_overrides", overrides)
         assert r is not None, proc.stdout + proc.stderr
         found = _collectives(hlo.read_text())
-        arrays = {kind: sorted(re.findall(r"[a-z0-9]+\[[\d,]*\]", "".join(
-            t for _, k, t in found if k == kind))) for kind in ("reduce-scatter", "all-gather")}
-        largest_all_reduce = max(
-            (math.prod(int(d) for d in dims.split(",") if d)
-             for _, k, t in found if k == "all-reduce"
-             for dims in re.findall(r"\[([\d,]*)\]", t)), default=0)
-        return arrays["reduce-scatter"], arrays["all-gather"], largest_all_reduce
+
+        def leaves(kind):  # (dtype, dims) of every array the collectives of this kind return
+            return sorted((dt, tuple(d)) for _, k, t in found if k == kind for dt, d in arrays(t))
+
+        largest_all_reduce = max((largest_array_bytes(t) for _, k, t in found if k == "all-reduce"),
+                                 default=0)
+        return leaves("reduce-scatter"), leaves("all-gather"), largest_all_reduce
 
     scan_rs, scan_ag, scan_ar = collectives("{remat: full}")
     rs, ag, ar = collectives("{remat: full, scan_layers: false}")

@@ -82,7 +82,7 @@ class MixtralConfig:
     # the decoder layers as one `jax.lax.scan` (compile time independent of depth) or unrolled
     # (each layer its own code: no per-layer residual copies into loop-carried stacks, which
     # a scan's backward pass needs; compiles grow with depth: the 141B recipe's 4x8 plan takes
-    # 13 min unrolled against 45 s on 2 cores, for 42.7 against 51.0 GiB per device under
+    # 13 min unrolled against 43 s on 2 cores, for 42.7 against 51.0 GiB per device under
     # remat "full"; the other policies, unrolled, grow ~1.5 GiB per layer there and would not
     # fit: docs/PERFORMANCE.md). MaxText's `scan_layers`.
     scan_layers: bool = True

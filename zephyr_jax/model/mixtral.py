@@ -219,9 +219,9 @@ def _recompute_in_order(layer):
     Left: each layer's reduce-scatters finish before the next layer's backward pass starts.
     """
 
-    def exact_zero(a):
-        # +-0 whatever the entry is (nan_to_num: never inf * 0 = nan)
-        return jnp.nan_to_num(a.reshape(-1)[0].astype(jnp.float32)) * 0
+    def exact_zero(v):
+        # +-0 from the scalar v, whatever its value (nan_to_num: never inf * 0 = nan)
+        return jnp.nan_to_num(v.astype(jnp.float32)) * 0
 
     @jax.custom_vjp
     def wrapped(x, xs):
@@ -232,7 +232,7 @@ def _recompute_in_order(layer):
 
     def bwd(saved, g):
         x, xs = saved
-        zero = exact_zero(g[0])  # g[0]: the cotangent of the layer's output x
+        zero = exact_zero(g[0].reshape(-1)[0])  # g[0]: the cotangent of the layer's output x
         x = x + zero.astype(x.dtype)
         index = zero.astype(jnp.int32)
         xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(
@@ -241,7 +241,7 @@ def _recompute_in_order(layer):
         dx, dxs = vjp_fn(g)
         dxs = jax.tree_util.tree_map_with_path(_as_param, dxs)  # reduce-scattered, not all-reduced
         # a sum reads each device's shard (plus a scalar all-reduce); one entry gathered them all
-        done = sum(jnp.nan_to_num(jnp.sum(d, dtype=jnp.float32)) * 0 for d in jax.tree.leaves(dxs)
+        done = sum(exact_zero(jnp.sum(d, dtype=jnp.float32)) for d in jax.tree.leaves(dxs)
                    if jnp.issubdtype(d.dtype, jnp.floating))
         return dx + done.astype(dx.dtype), dxs
 
