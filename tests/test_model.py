@@ -602,8 +602,9 @@ def test_compiled_program_does_not_grow_with_depth():
     assert eight <= 1.05 * two, (two, eight)
 
 
-# "full": unrolled, it runs mixtral._recompute_in_order (a custom VJP), not jax.checkpoint
-@pytest.mark.parametrize("remat", ["none", "full"])
+# "full", "save_attention": unrolled, they run mixtral._recompute_in_order (a custom VJP), not
+# jax.checkpoint
+@pytest.mark.parametrize("remat", ["none", "full", "save_attention"])
 def test_unrolled_layers_equal_the_scan(remat):
     """`scan_layers: false` runs the same layers unrolled: logits, router statistics, every
     gradient and greedy generation (the KV cache through the same loop) equal the scanned
@@ -639,21 +640,24 @@ def test_unrolled_layers_equal_the_scan(remat):
     assert t2 == t1
 
 
-def test_unrolled_full_remat_keeps_what_the_scan_keeps(monkeypatch):
-    """Unrolled, full remat must keep per layer about what the scan keeps (its inputs), not every
-    activation: XLA:CPU scheduled the recomputations into the forward pass, the compiled H100
-    recipe held 241 GiB per device (docs/PERFORMANCE.md). Control: plain `jax.checkpoint`
-    unrolled. Measured temporaries at 4 / 6 / 8 layers (jax 0.10.2): scanned 3.09 / 3.15 / 3.22
-    MiB, ordered 3.73 / 4.07 / 3.51, control 9.06 / 13.17 / 16.5. Its values (logits, router
-    statistics, gradients, generation) are test_unrolled_layers_equal_the_scan's "full" case."""
+@pytest.mark.parametrize("remat", ["full", "save_attention"])
+def test_unrolled_remat_keeps_what_the_scan_keeps(monkeypatch, remat):
+    """Unrolled, a remat policy must keep per layer about what the scan keeps (its inputs and the
+    policy's names), not every activation: XLA:CPU scheduled the recomputations into the forward
+    pass, the compiled H100 recipe held 241 GiB per device (docs/PERFORMANCE.md). Control: plain
+    `jax.checkpoint` unrolled. Measured temporaries at 4 / 6 / 8 layers (jax 0.10.2), full:
+    scanned 3.09 / 3.15 / 3.22 MiB, ordered 3.79 / 4.16 / 3.60, control 9.06 / 13.17 / 16.5;
+    save_attention: scanned 3.59 / 3.90 / 4.22, ordered 3.78 / 4.33 / 4.04, control 9.05 / 13.16 /
+    16.49. Their values (logits, router statistics, gradients, generation) are
+    test_unrolled_layers_equal_the_scan's."""
     from zephyr_jax.model import mixtral
 
-    cfg = MixtralConfig.preset("tiny").replace(num_hidden_layers=6, remat="full", moe_impl="dense")
+    cfg = MixtralConfig.preset("tiny").replace(num_hidden_layers=6, remat=remat, moe_impl="dense")
     ids = jax.random.randint(jax.random.key(0), (4, 64), 0, cfg.vocab_size)
     scanned = _grad_temp_bytes(cfg, ids)
     unrolled = _grad_temp_bytes(cfg.replace(scan_layers=False), ids)
     monkeypatch.setattr(mixtral, "_recompute_in_order",
-                        lambda body: jax.checkpoint(body, prevent_cse=True))
+                        lambda body, policy: jax.checkpoint(body, policy=policy, prevent_cse=True))
     control = _grad_temp_bytes(cfg.replace(scan_layers=False), ids)
     monkeypatch.undo()
     assert unrolled <= 1.5 * scanned, (unrolled, scanned, control)

@@ -134,14 +134,16 @@ def test_overlap_collectives_makes_the_fsdp_collectives_asynchronous_on_h100s(tm
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax's CUDA plugin")
-def test_unrolled_full_remat_reduce_scatters_the_weight_gradients_as_the_scan_does(tmp_path):
-    """`scan_layers: false` under full remat (`mixtral._recompute_in_order`) on H100s: the FSDP
+@pytest.mark.parametrize("remat", ["full", "save_attention"])
+def test_unrolled_remat_reduce_scatters_the_weight_gradients_as_the_scan_does(tmp_path, remat):
+    """`scan_layers: false` under remat (`mixtral._recompute_in_order`) on H100s: the FSDP
     weight gradients are reduce-scattered as in the scanned program, not all-reduced, and no
     more is gathered. Without the backward pass's sharding constraint on them the tiny step
     all-reduced each layer's expert-weight gradients (f32[12288]; the 141B recipe cut to 8
     layers: 51 all-reduces, 5.23 GiB); with the constraint but its ordering zero read from one
     entry of each gradient, XLA gathered the gradients back (73 arrays all-gathered against the
-    scan's 62; at 141B / 8 layers 113 all-gathers against 97). Both fail here."""
+    scan's 62; at 141B / 8 layers 113 all-gathers against 97). Both fail here, as does
+    `save_attention` through plain `jax.checkpoint`, its path before the ordering took policies."""
     def collectives(overrides: str) -> tuple[list, list, int]:
         hlo = tmp_path / "step.hlo"
         proc, r = _plan_cli(*TINY_PLAN, "--target", "h100", "--dump_hlo", str(hlo),
@@ -156,8 +158,8 @@ def test_unrolled_full_remat_reduce_scatters_the_weight_gradients_as_the_scan_do
                                  default=0)
         return leaves("reduce-scatter"), leaves("all-gather"), largest_all_reduce
 
-    scan_rs, scan_ag, scan_ar = collectives("{remat: full}")
-    rs, ag, ar = collectives("{remat: full, scan_layers: false}")
+    scan_rs, scan_ag, scan_ar = collectives(f"{{remat: {remat}}}")
+    rs, ag, ar = collectives(f"{{remat: {remat}, scan_layers: false}}")
     assert rs == scan_rs
     assert len(ag) <= len(scan_ag)
     assert ar <= scan_ar

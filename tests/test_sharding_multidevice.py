@@ -90,13 +90,15 @@ def test_8_devices_data2_expert4_matches_single_device():
     _check(result, expert_size=4, data_size=2, ragged_exchange=True)
 
 
-def test_4_devices_unrolled_layers_under_full_remat_match_single_device():
-    """`scan_layers: false` with `remat: full` runs each layer through
+@pytest.mark.parametrize("remat", ["full", "save_attention"])
+def test_4_devices_unrolled_layers_under_remat_match_single_device(remat):
+    """`scan_layers: false` with a remat policy runs each layer through
     `mixtral._recompute_in_order`, whose backward pass on a mesh constrains every weight gradient
     to its parameter's sharding (so XLA's GPU compiler reduce-scatters it; test_plan checks that
-    on H100s). Its values on a mesh, through the expert-parallel exchange, equal one device's."""
+    on H100s) and, under `save_attention`, reads the forward pass's saved attention projections.
+    Its values on a mesh, through the expert-parallel exchange, equal one device's."""
     # 16 positions: B * T = 64, so the routing check's [B * T, E] is not the router's [D, E]
-    result = _run(4, "2x2", "ragged", "full", "--unrolled", "--seq", "16")
+    result = _run(4, "2x2", "ragged", remat, "--unrolled", "--seq", "16")
     assert result["mesh"] == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}
     _check(result, expert_size=2, data_size=2)
 

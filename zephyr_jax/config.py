@@ -82,9 +82,9 @@ class MixtralConfig:
     # the decoder layers as one `jax.lax.scan` (compile time independent of depth) or unrolled
     # (each layer its own code: no per-layer residual copies into loop-carried stacks, which
     # a scan's backward pass needs; compiles grow with depth: the 141B recipe's 4x8 plan takes
-    # 13 min unrolled against 43 s on 2 cores, for 42.7 against 51.0 GiB per device under
-    # remat "full"; the other policies, unrolled, grow ~1.5 GiB per layer there and would not
-    # fit: docs/PERFORMANCE.md). MaxText's `scan_layers`.
+    # 4 min unrolled against 43 s on 2 cores, for 42.7 against 51.0 GiB per device under
+    # remat "full", 47.9 against 58.3 under "save_attention": docs/PERFORMANCE.md). MaxText's
+    # `scan_layers`.
     scan_layers: bool = True
 
     def __post_init__(self):

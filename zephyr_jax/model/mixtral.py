@@ -198,9 +198,10 @@ def _as_param(path, a):
     return constrain(a, LAYER_PARAMS[name][1:])
 
 
-def _recompute_in_order(layer):
-    """`layer` under full remat when the layers are unrolled: it saves its inputs only and
-    recomputes itself in its backward pass, which runs strictly after the next layer's.
+def _recompute_in_order(layer, policy):
+    """`layer` under the remat `policy` when the layers are unrolled: it keeps what
+    `jax.checkpoint(layer, policy=policy)` keeps (the policy's saved names and its inputs) and
+    recomputes the rest in its backward pass, which runs strictly after the next layer's.
 
     A scan orders the layers' backward passes by itself. Unrolled, XLA orders them only by data,
     and `optimization_barrier` (`prevent_cse`'s too) is removed before scheduling. So the 141B
@@ -208,15 +209,16 @@ def _recompute_in_order(layer):
     into the forward pass (XLA:CPU), the forward's gathered weights reused in the backward, and
     weight-gradient work of many layers deferred to the end (docs/PERFORMANCE.md, "Unrolled
     layers under full remat"). Three data dependences, each through an exact zero XLA cannot fold:
-    the saved input waits for the cotangent; the saved weights come through a dynamic slice at an
-    index from it (an added zero was moved past the weights' all-gather); the input's cotangent
-    waits for this layer's weight gradients. Values are unchanged (+-0 added, index 0).
+    every residual waits for the cotangent; the weights come through a dynamic slice at an index
+    from it (an added zero was moved past the weights' all-gather); the input's cotangent waits
+    for this layer's weight gradients. Values are unchanged (+-0 added, index 0).
 
     The weight cotangents are constrained to their parameters' sharding: unconstrained (they pass
     through the stack and slice), XLA all-reduced them where the scan reduce-scatters. Their zero
     comes from each one's sum: from one entry, XLA gathered the scattered gradients back. So the
-    recipe unrolled compiles to 42.7 GiB per device with the scan's collectives (scanned: 51.0).
-    Left: each layer's reduce-scatters finish before the next layer's backward pass starts.
+    recipe unrolled compiles to 42.7 GiB per device with the scan's collectives (scanned: 51.0),
+    and under `save_attention` to 47.9 (scanned: 58.3; through plain `jax.checkpoint` it would
+    not fit). Left: each layer's reduce-scatters finish before the next layer's backward starts.
     """
 
     def exact_zero(v):
@@ -228,17 +230,28 @@ def _recompute_in_order(layer):
         return layer(x, xs)
 
     def fwd(x, xs):
-        return layer(x, xs), (x, xs)
+        out, vjp_fn = jax.vjp(jax.checkpoint(layer, policy=policy), x, xs)
+        # xs again: its leaves are among vjp_fn's (the recomputation's inputs), at no cost; bwd
+        # reads their shapes to tell the weights from the saved activations
+        return out, (vjp_fn, xs)
 
     def bwd(saved, g):
-        x, xs = saved
+        vjp_fn, xs = saved
         zero = exact_zero(g[0].reshape(-1)[0])  # g[0]: the cotangent of the layer's output x
-        x = x + zero.astype(x.dtype)
         index = zero.astype(jnp.int32)
-        xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(
-            jnp.stack([a, a]), index, axis=0, keepdims=False), xs)  # a new, unsharded axis
-        _, vjp_fn = jax.vjp(layer, x, xs)
-        dx, dxs = vjp_fn(g)
+        weights = {(a.shape, a.dtype) for a in jax.tree.leaves(xs)}
+
+        def tie(a):
+            # every residual, the policy's saved activations too: left free, a recomputation
+            # starting from them (the attention scores from the saved q and k) need not wait,
+            # and XLA:CPU's tiny 6-layer step kept 6.35 MiB against 4.33 (docs/PERFORMANCE.md)
+            if (a.shape, a.dtype) in weights:  # a new, unsharded axis
+                return jax.lax.dynamic_index_in_dim(jnp.stack([a, a]), index, axis=0, keepdims=False)
+            if jnp.issubdtype(a.dtype, jnp.floating):
+                return a + zero.astype(a.dtype)
+            return a
+
+        dx, dxs = jax.tree.map(tie, vjp_fn)(g)
         dxs = jax.tree_util.tree_map_with_path(_as_param, dxs)  # reduce-scattered, not all-reduced
         # a sum reads each device's shard (plus a scalar all-reduce); one entry gathered them all
         done = sum(exact_zero(jnp.sum(d, dtype=jnp.float32)) for d in jax.tree.leaves(dxs)
@@ -326,13 +339,12 @@ class Mixtral(nnx.Module):
             x, stats, new_kv = _decoder_layer(cfg, p, x, cos_BTH, sin_BTH, mask_BTS, token_valid_N, kv)
             return x, (stats, new_kv)
 
-        if cfg.remat == "full" and not cfg.scan_layers:
-            body = _recompute_in_order(body)
+        if cfg.remat != "none" and not cfg.scan_layers:
+            body = _recompute_in_order(body, _REMAT_POLICIES[cfg.remat])
         elif cfg.remat != "none":
-            # inside a scan XLA cannot merge the recomputation with the forward pass; unrolled it
-            # can, and would undo the remat (the compiled H100 bench step kept every residual)
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat],
-                                  prevent_cse=not cfg.scan_layers)
+            # inside a scan XLA cannot merge the recomputation with the forward pass (unrolled it
+            # did, and undid the remat: the compiled H100 bench step kept every residual)
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         xs = layer_params if cache is None else (layer_params, cache.k_LBSKH, cache.v_LBSKH)
         x_BTD, (stats, new_kv) = _layer_loop(body, x_BTD, xs, cfg.scan_layers)
 
