@@ -191,11 +191,8 @@ def _constrain_activations(x_BTD):
 
 def _as_param(path, a):
     """`a`, one layer's slice of a layer parameter (or its cotangent), constrained to that
-    parameter's sharding; unchanged if `path` names no layer parameter."""
-    name = getattr(path[-1], "key", None) if path else None
-    if name not in LAYER_PARAMS:
-        return a
-    return constrain(a, LAYER_PARAMS[name][1:])
+    parameter's sharding; `path` ends in the parameter's key."""
+    return constrain(a, LAYER_PARAMS[path[-1].key][1:])
 
 
 def _recompute_in_order(layer, policy):
