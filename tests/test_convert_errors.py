@@ -180,6 +180,60 @@ def test_existing_output_needs_overwrite_and_failures_keep_it(hf, tmp_path, caps
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]
 
 
+def test_a_failure_is_raised_only_once_no_write_is_in_flight(hf, tmp_path, monkeypatch):
+    """The first leaf to fail must not end the conversion while other leaves' TensorStore writes
+    are in flight: TensorStore finishes them in its own threads after the caller has removed the
+    staging folder, and they re-create it (CI saw `.ckpt.partial-*` left behind). Here every
+    layer-1 write takes 0.3 s longer, and a read of layer 1 fails while another leaf's layer-1
+    write is pending: every write issued must have finished when the error reaches the caller."""
+    import asyncio
+    import types
+
+    import tensorstore
+
+    from zephyr_jax import model_checkpoint as mc
+
+    issued, finished = [], []
+
+    class Slow:
+        def __init__(self, t, index=None):
+            self.t, self.index = t, index
+
+        def __getitem__(self, index):
+            return Slow(self.t[index], index)
+
+        def write(self, x, **kw):
+            if self.index in (None, 0):
+                return self.t.write(x, **kw)
+
+            async def slow():
+                await self.t.write(x, **kw)
+                await asyncio.sleep(0.3)
+                finished.append(self.index)
+
+            issued.append(self.index)
+            return slow()
+
+    async def open_slow(spec, **kw):
+        return Slow(await tensorstore.open(spec, **kw))
+
+    monkeypatch.setattr(mc, "ts", types.SimpleNamespace(open=open_slow, Spec=tensorstore.Spec))
+    real, failed = HFSource.read, []
+
+    def fails_once(self, name):
+        if name.startswith("model.layers.1.") and issued and not failed:
+            failed.append(name)
+            raise OSError("disk on fire")
+        return real(self, name)
+
+    monkeypatch.setattr(HFSource, "read", fails_once)
+    with pytest.raises(OSError, match="disk on fire"):
+        hf_to_jax(hf, tmp_path / "ckpt", overwrite=True)
+    assert failed and issued
+    assert len(finished) == len(issued), f"{len(issued) - len(finished)} writes still in flight"
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
 def test_jax_to_hf_bad_checkpoints(hf, tmp_path, capsys):
     _fails(capsys, ["jax-to-hf", "--ckpt", str(hf), "--out", str(tmp_path / "o")],
            "neither a model checkpoint")

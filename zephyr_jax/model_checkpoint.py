@@ -19,6 +19,7 @@ A trainer output_dir is read too: config.json at its root plus an orbax `Checkpo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -337,13 +338,34 @@ class _PullHandler(ocp.type_handlers.NumpyHandler):
 
     def __init__(self):
         super().__init__(deepcopy_host_arrays=False)
+        self._writing = 0  # leaves with a TensorStore open or write in flight
+        self._failed = False
 
     async def _open_and_write(self, value: _Pulled, tspec, ts_context):
+        # Orbax gathers the leaves' writes; the first to fail ends the gather and its event loop,
+        # while the other leaves' TensorStore writes finish in TensorStore's own threads. Those
+        # would land after the caller had removed the staging folder and re-create it. So a
+        # failure stops the other leaves at their next layer and is raised only once nothing is
+        # in flight.
+        self._writing += 1
+        try:
+            await self._write(value, tspec, ts_context)
+        except BaseException:
+            self._failed = True
+            self._writing -= 1
+            while self._writing:
+                await asyncio.sleep(0.01)
+            raise
+        self._writing -= 1
+
+    async def _write(self, value: _Pulled, tspec, ts_context):
         t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
         if value.key.startswith("layers/"):
             for layer in range(value.shape[0]):
+                if self._failed:
+                    return
                 await t[layer].write(value.part(layer), can_reference_source_data_indefinitely=True)
-        else:
+        elif not self._failed:
             await t.write(value.part(None), can_reference_source_data_indefinitely=True)
 
 
