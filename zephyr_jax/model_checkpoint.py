@@ -338,8 +338,13 @@ class _PullHandler(ocp.type_handlers.NumpyHandler):
 
     def __init__(self):
         super().__init__(deepcopy_host_arrays=False)
+
+    async def serialize(self, values, infos, args=None):
+        # orbax makes one request per handler, so every leaf's write runs in one event loop and
+        # this state needs no lock; set per save, so a failed save cannot silence the next
         self._writing = 0  # leaves with a TensorStore open or write in flight
         self._failed = False
+        return await super().serialize(values, infos, args)
 
     async def _open_and_write(self, value: _Pulled, tspec, ts_context):
         # Orbax gathers the leaves' writes; the first to fail ends the gather and its event loop,

@@ -213,9 +213,9 @@ def _recompute_in_order(layer, policy):
     The weight cotangents are constrained to their parameters' sharding: unconstrained (they pass
     through the stack and slice), XLA all-reduced them where the scan reduce-scatters. Their zero
     comes from each one's sum: from one entry, XLA gathered the scattered gradients back. So the
-    recipe unrolled compiles to 42.7 GiB per device with the scan's collectives (scanned: 51.0),
-    and under `save_attention` to 47.9 (scanned: 58.3; through plain `jax.checkpoint` it would
-    not fit). Left: each layer's reduce-scatters finish before the next layer's backward starts.
+    recipe unrolled compiles to 42.7 GiB per device (scanned: 51.0) with the scan's all-gathers,
+    one more reduce-scatter and the zeros' scalar all-reduces, and under `save_attention` to 47.9
+    (scanned: 58.3; through plain `jax.checkpoint` it would not fit). Left: each layer's reduce-scatters finish before the next layer's backward starts.
     """
 
     def exact_zero(v):
