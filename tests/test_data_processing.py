@@ -141,5 +141,32 @@ def test_too_many_bad_rows_raise_naming_counts_and_threshold(tok):
         process_rows(rows, tok, source="train split")  # default 0.05
     message = str(e.value)
     assert message.startswith("train split: ")
-    for part in ("2 of 20", "max_bad_row_fraction=0.05", "missing_key=1", "prompt_mismatch=1"):
+    for part in ("2 of 20", "max_bad_row_fraction=0.05", "missing_key=1", "prompt_mismatch=1",
+                 # what was wrong with which row, not only how often
+                 "row 18 (missing_key: no 'chosen')",
+                 "row 19 (prompt_mismatch: chosen and rejected differ before the last turn)"):
         assert part in message
+
+
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                "{{ m['content'] }} [/INST]{% elif m['role'] == 'assistant' %}{{ m['content'] }}"
+                "{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def test_a_template_bos_is_stripped_from_the_answers_as_the_handbook_does():
+    """A template that starts with BOS (Mistral / Llama style) renders it in front of every part;
+    the handbook removes it from chosen and rejected (TRL adds BOS to the prompt only). Left
+    there, TRL's tokenization puts a BOS in the middle of each sequence, as a label."""
+    from test_data_tokenization import trl_tokenize
+
+    from zephyr_jax.data import tokenize_texts
+
+    tok = load_tokenizer(chat_template=BOS_TEMPLATE)
+    row = {"chosen": conv("Hi", "Hello"), "rejected": conv("Hi", "Bye")}
+    [text], _ = process_rows([row], tok)
+    assert text == PreferenceText("<s>[INST] Hi [/INST]", "Hello</s>", "Bye</s>")
+    [example], _ = tokenize_texts([text], tok, max_length=64, max_prompt_length=32)
+    want = trl_tokenize(tok, text)  # TRL's own tokenize_row on the handbook's texts
+    for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+        assert list(example[key]) == list(want[key]), key
+    assert list(example["chosen_input_ids"]).count(tok.bos_token_id) == 1

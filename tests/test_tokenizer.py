@@ -121,6 +121,19 @@ def test_chat_template_is_the_handbooks(tok):
     assert custom.chat_template == "{{ messages[0]['content'] }}"
 
 
+def test_a_tokenizers_own_template_is_kept_unless_one_is_given(tok, tmp_path):
+    """The handbook's get_tokenizer: the config's template if given, else the tokenizer's own,
+    else the Zephyr default (the shipped tokenizer has none, so it gets the default above)."""
+    own = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(tmp_path)
+    saved = load_tokenizer(str(tmp_path))
+    saved.chat_template = own
+    saved.save_pretrained(tmp_path)
+    assert load_tokenizer(str(tmp_path)).chat_template == own
+    assert load_tokenizer(str(tmp_path), chat_template=ZEPHYR_CHAT_TEMPLATE).chat_template == (
+        ZEPHYR_CHAT_TEMPLATE)
+
+
 def test_rendering(tok):
     msgs = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Q2"}]

@@ -1,10 +1,13 @@
 """Finding preference data: Hub datasets, local files and folders, and the handbook's mixer.
 
 A spec is one of:
-- a local `.jsonl` / `.json` / `.parquet` file (the whole file is the split);
-- a folder written by `datasets.save_to_disk` (a `DatasetDict` is indexed by split), or a folder
-  holding one such folder per split (the handbook's `load_from_disk(os.path.join(ds, split))`);
+- a local `.jsonl` / `.json` / `.parquet` file: the train split (a train split's name contains
+  "train"); asking it for a test split is an error, not the same rows again;
+- a folder written by `datasets.save_to_disk` (a `DatasetDict` is indexed by split; a single
+  `Dataset` is the train split, as a file is), or a folder holding one such folder per split (the
+  handbook's `load_from_disk(os.path.join(ds, split))`);
 - a folder holding `{split}.jsonl` (or `.json` / `.parquet`), like `SAMPLE_DATA`;
+- any other folder `datasets.load_dataset(folder, split=split)` reads (e.g. a Hub snapshot);
 - `"sample"` (when no such local path exists): the shipped `SAMPLE_DATA`;
 - otherwise a Hugging Face Hub dataset id, loaded with `datasets.load_dataset(spec, split=...)`.
 """
@@ -16,6 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import datasets
+import pyarrow as pa
 
 from zephyr_jax.data.paths import SAMPLE_DATA
 from zephyr_jax.data.report import DataError
@@ -30,17 +34,19 @@ class DatasetLoadError(DataError):
     """A spec that names no readable dataset; the message says what was tried."""
 
 
-def _read_json_rows(path: str) -> list:
+def _read_json_rows(path: str) -> tuple[list, list[str]]:
+    """The rows of a .jsonl / .json file and where each came from ("line 7", "row 3")."""
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
-            rows = []
+            rows, where = [], []
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise DatasetLoadError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            return rows
+                    where.append(f"line {lineno}")
+            return rows, where
         try:
             rows = json.load(f)
         except json.JSONDecodeError as e:
@@ -48,24 +54,74 @@ def _read_json_rows(path: str) -> list:
     if isinstance(rows, Mapping):  # {"data": [...]} or column-oriented {"col": [...]}
         rows = rows["data"] if "data" in rows else [dict(zip(rows, v, strict=True))
                                                     for v in zip(*rows.values(), strict=True)]
-    return rows
+    if not isinstance(rows, list):
+        raise DatasetLoadError(f"{path}: expected a list of rows, found a {type(rows).__name__}")
+    return rows, [f"row {i}" for i in range(len(rows))]
+
+
+def _first_conflict(values: list) -> int:
+    """Index of the first value Arrow cannot put in one column with the values before it (the
+    values before a conflict convert, so the first failing prefix ends at it)."""
+    lo, hi = 1, len(values)  # pa.array(values[:hi]) fails; find the shortest failing prefix
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            pa.array(values[:mid])
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
 
 
 def _load_file(path: str) -> datasets.Dataset:
     if path.endswith(".parquet"):
         return datasets.Dataset.from_parquet(path)
     # Read JSON ourselves: no Arrow cache written next to the user's data, nested lists kept.
-    rows = _read_json_rows(path)
+    rows, where = _read_json_rows(path)
+    for row, at in zip(rows, where, strict=True):
+        if not isinstance(row, Mapping):
+            raise DatasetLoadError(f"{path} ({at}): a row must be a JSON object, found a "
+                                   f"{type(row).__name__}")
     # Arrow infers the columns from the first row: give every row every key (missing -> None) so
     # a row lacking a key is counted by validation instead of the key vanishing for all rows.
-    keys = list(dict.fromkeys(k for r in rows if isinstance(r, Mapping) for k in r))
-    return datasets.Dataset.from_list(
-        [{k: (r.get(k) if isinstance(r, Mapping) else None) for k in keys} for r in rows])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    try:
+        return datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in rows])
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+        # Arrow names neither the row nor the column (often it quotes a valid value): find them.
+        for k in keys:
+            values = [r.get(k) for r in rows]
+            try:
+                pa.array(values)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                i = _first_conflict(values)
+                raise DatasetLoadError(
+                    f"{path} ({where[i]}): key {k!r} = {_short(values[i])} does not have the "
+                    f"type this key has in the rows before it (a file is one table: one type per "
+                    f"key; null is allowed)") from None
+        raise DatasetLoadError(f"{path}: not readable as one table ({type(e).__name__}: {e})") from e
+
+
+def _short(value, limit: int = 80) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_saved_dataset(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(
         os.path.join(path, "state.json"))
+
+
+def _one_table(spec: str, split: str, what: str) -> None:
+    """A file or a saved `Dataset` has no split names: it is the train split (what
+    `datasets.load_dataset` makes of one), never a test split, or the run would evaluate on the
+    rows it trains on."""
+    if "train" not in split:
+        raise DatasetLoadError(
+            f"{spec} is {what} without split names, read as the train split; split {split!r} is "
+            f"not in it. Put those rows in a folder as {split}.jsonl (or a save_to_disk "
+            f"DatasetDict with a {split!r} split) and name the folder")
 
 
 def _load_folder(path: str, split: str) -> datasets.Dataset:
@@ -75,6 +131,7 @@ def _load_folder(path: str, split: str) -> datasets.Dataset:
             if split not in loaded:
                 raise DatasetLoadError(f"{path} has splits {list(loaded)}, not {split!r}")
             return loaded[split]
+        _one_table(path, split, "one save_to_disk Dataset")
         return loaded
     split_dir = os.path.join(path, split)
     if os.path.isdir(split_dir) and _is_saved_dataset(split_dir):
@@ -83,9 +140,15 @@ def _load_folder(path: str, split: str) -> datasets.Dataset:
         candidate = os.path.join(path, split + suffix)
         if os.path.isfile(candidate):
             return _load_file(candidate)
-    raise DatasetLoadError(
-        f"{path} is a folder but holds no save_to_disk dataset, no {split}/ dataset and no "
-        f"{split}{{{','.join(FILE_SUFFIXES)}}} file")
+    # Any other layout `datasets.load_dataset(folder, split=...)` reads, as the handbook called
+    # it: e.g. a Hub snapshot (`hf download --repo-type dataset --local-dir`), data/train-*.parquet.
+    try:
+        return datasets.load_dataset(path, split=split)
+    except Exception as e:  # datasets raises many types here (FileNotFoundError, ValueError, ...)
+        raise DatasetLoadError(
+            f"{path} is a folder but holds no save_to_disk dataset, no {split}/ dataset, no "
+            f"{split}{{{','.join(FILE_SUFFIXES)}}} file, and datasets.load_dataset({path!r}, "
+            f"split={split!r}) failed: {type(e).__name__}: {e}") from e
 
 
 def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset:
@@ -97,6 +160,7 @@ def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset
     if os.path.isfile(spec):
         if not spec.endswith(FILE_SUFFIXES):
             raise DatasetLoadError(f"{spec}: expected a {'/'.join(FILE_SUFFIXES)} file")
+        _one_table(spec, split, "one file")
         return _load_file(spec)
     if os.path.isdir(spec):
         return _load_folder(spec, split)

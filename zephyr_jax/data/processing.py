@@ -7,6 +7,8 @@ Accepted row formats:
   not a message list (capybara's is a string) is ignored, as the handbook ignored it.
 - conversational with an explicit prompt: `prompt` is a message list and `chosen` / `rejected`
   hold only the answer turn(s); each is rendered as is.
+A leading BOS the template puts on the rendered chosen / rejected text is removed (the handbook's
+`apply_chat_template(task="orpo")` does so): TRL adds BOS in front of the prompt only.
 - plain text: `prompt`, `chosen`, `rejected` are strings, used verbatim (TRL's non-conversational
   format: no template is applied).
 
@@ -152,6 +154,10 @@ def render_row(
         raise
     except Exception as e:  # a template may raise on content it refuses (jinja raise_exception)
         raise InvalidRow(TEMPLATE_ERROR, str(e)) from e
+    # the handbook strips a template's leading BOS from the answers (not the prompt): TRL adds
+    # BOS to the prompt only, and one left on an answer would sit mid-sequence, as a label
+    bos = tokenizer.bos_token
+    texts[1:] = [t[len(bos):] if bos and t.startswith(bos) else t for t in texts[1:]]
     return PreferenceText(*texts)
 
 
@@ -176,13 +182,13 @@ def process_rows(
     """
     report = DataReport(source=source) if report is None else report
     texts = []
-    for row in rows:
+    for i, row in enumerate(rows):
         report.rows += 1
         try:
             texts.append(render_row(row, tokenizer,
                                     auto_insert_empty_system_msg=auto_insert_empty_system_msg))
         except InvalidRow as e:
-            report.invalid[e.reason] += 1
+            report.add_invalid(e.reason, f"row {i} ({e})")
     report.kept = len(texts)
     report.check(max_bad_fraction)
     return texts, report

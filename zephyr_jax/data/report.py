@@ -29,6 +29,17 @@ class DataReport:
     invalid: Counter = dataclasses.field(default_factory=Counter)
     dropped: Counter = dataclasses.field(default_factory=Counter)
     truncated: Counter = dataclasses.field(default_factory=Counter)
+    # the first few invalid rows' details per reason ("row 17: chosen has role 'human'"), so an
+    # error shows what is wrong, not only how often
+    examples: dict = dataclasses.field(default_factory=dict)
+
+    MAX_EXAMPLES = 3
+
+    def add_invalid(self, reason: str, detail: str) -> None:
+        self.invalid[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < self.MAX_EXAMPLES:
+            shown.append(detail)
 
     @property
     def num_invalid(self) -> int:
@@ -48,7 +59,12 @@ class DataReport:
             raise DataQualityError(
                 f"{self.source}: {self.num_invalid} of {self.rows} rows are invalid "
                 f"({self.invalid_fraction:.1%} > {THRESHOLD_KEY}={max_bad_fraction}): "
-                f"{_counts(self.invalid)}. Fix the data or raise {THRESHOLD_KEY}.")
+                f"{_counts(self.invalid)}; for example {self._examples_text()}. Fix the data "
+                f"or raise {THRESHOLD_KEY}.")
+
+    def _examples_text(self) -> str:
+        return "; ".join(f"{reason}: " + ", ".join(self.examples.get(reason, []))
+                         for reason in sorted(self.invalid))
 
     def summary(self) -> str:
         """One line: rows in, examples out, and the counts by reason."""

@@ -165,6 +165,9 @@ def tokenize_texts(
     _check_lengths(max_length, max_prompt_length)
     if report is None:
         report = DataReport(rows=len(texts))
+    if not texts:  # the tokenizer's batch call fails on an empty list
+        report.kept = 0
+        return [], report
     prompts = [t.prompt for t in texts]
     # Batched calls: the fast tokenizer encodes a list in parallel, the same ids as one by one.
     measured = tokenizer(prompts)["input_ids"]

@@ -4,7 +4,8 @@
 by `scripts/build_tokenizer.py`); `load_tokenizer(path)` loads any Hugging Face tokenizer folder or
 Hub id. Either way the handbook's `get_tokenizer` choices are applied:
 
-- chat template: the Zephyr template below (verbatim from the recipe) unless one is given;
+- chat template: the one given (the recipe gives the Zephyr template below, verbatim), else the
+  tokenizer's own, else the Zephyr template (the handbook's DEFAULT_CHAT_TEMPLATE fallback);
 - pad token: when the tokenizer has none (Mixtral has none), pad = eos (`</s>`, id 2). Pad ids
   never reach the loss: ORPO masks pads out of the NLL by the attention mask and out of the
   log-probs by labels = -100 (TRL's `label_pad_token_id`), so the choice only fixes what the
@@ -46,7 +47,8 @@ def load_tokenizer(path: str | None = None, chat_template: str | None = None) ->
     Args:
       path: a folder with Hugging Face tokenizer files, or a Hub model id; None loads the shipped
         Mixtral v1 tokenizer (`zephyr_jax/assets/tokenizer`, bos `<s>`=1, eos `</s>`=2, unk 0).
-      chat_template: a Jinja chat template; None sets `ZEPHYR_CHAT_TEMPLATE`.
+      chat_template: a Jinja chat template; None keeps the tokenizer's own, and sets
+        `ZEPHYR_CHAT_TEMPLATE` where it has none (the shipped tokenizer, a base model's).
     """
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR if path is None else path)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
@@ -59,5 +61,8 @@ def load_tokenizer(path: str | None = None, chat_template: str | None = None) ->
         tokenizer.init_kwargs["legacy"] = tokenizer.legacy
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE if chat_template is None else chat_template
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    elif not getattr(tokenizer, "chat_template", None):  # the handbook's get_tokenizer keeps a model's own template
+        tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
     return tokenizer
