@@ -264,7 +264,7 @@ class _Stats(NamedTuple):
     nll_sum_B: jax.Array  # summed NLL over attended chosen tokens
     n_nll_B: jax.Array
     logit_sum_2: jax.Array  # (chosen, rejected) sum of logits over positions [:-1] and the vocab
-    n_logit: int  # entries in each of those sums: B * (T - 1) * V
+    n_logit_2: jax.Array  # entries in each of those sums: rows in use * (T - 1) * V
 
 
 def orpo_loss(
@@ -304,10 +304,13 @@ def orpo_loss(
     rejected_logps_1BT = token_logps(
         rejected_logits_BTV, next_token_targets(batch["rejected_labels"])[None]
     )
-    logit_sum_2 = jnp.stack([
-        jnp.sum(jax.lax.stop_gradient(x[:, :-1]).astype(jnp.float32))
+    in_use_2B = jnp.concatenate([_rows_in_use(batch["chosen_attention_mask"]),
+                                 _rows_in_use(batch["rejected_attention_mask"])])
+    logit_sum_2B = jnp.concatenate([
+        jnp.sum(jax.lax.stop_gradient(x[:, :-1]).astype(jnp.float32), axis=(1, 2))
         for x in (chosen_logits_BTV, rejected_logits_BTV)
     ])
+    logit_sum_2, n_logit_2 = _logit_sums(logit_sum_2B, in_use_2B, B, (T - 1) * V)
     stats = _Stats(
         logp_sum_2B=jnp.concatenate([chosen_logps_KBT[0], rejected_logps_1BT[0]]).sum(-1),
         n_label_2B=_count_targets(
@@ -316,7 +319,7 @@ def orpo_loss(
         nll_sum_B=-chosen_logps_KBT[1].sum(-1),
         n_nll_B=_count_targets(chosen_targets_KBT[1]),
         logit_sum_2=logit_sum_2,
-        n_logit=B * (T - 1) * V,
+        n_logit_2=n_logit_2,
     )
     return _reduce(stats, beta, aux_loss, router_aux_loss_coef, nll_reduction)
 
@@ -352,16 +355,33 @@ def orpo_loss_from_hidden(
     logps_K2BT, logit_sum_2BT = token_logps_from_hidden(
         hidden_BTD, head_DV, jnp.stack([label_targets_2BT, nll_targets_2BT]), chunk_size=chunk_size
     )
-    logit_sum_2B = logit_sum_2BT[:, :-1].sum(-1)
+    logit_sum_2, n_logit_2 = _logit_sums(logit_sum_2BT[:, :-1].sum(-1), _rows_in_use(attention_mask_2BT),
+                                         B, (T - 1) * head_DV.shape[1])
     stats = _Stats(
         logp_sum_2B=logps_K2BT[0].sum(-1),
         n_label_2B=_count_targets(label_targets_2BT),
         nll_sum_B=-logps_K2BT[1, :B].sum(-1),
         n_nll_B=_count_targets(nll_targets_2BT[:B]),
-        logit_sum_2=jnp.stack([logit_sum_2B[:B].sum(), logit_sum_2B[B:].sum()]),
-        n_logit=B * (T - 1) * head_DV.shape[1],
+        logit_sum_2=logit_sum_2,
+        n_logit_2=n_logit_2,
     )
     return _reduce(stats, beta, aux_loss, router_aux_loss_coef, nll_reduction)
+
+
+def _rows_in_use(attention_mask_BT: jax.Array) -> jax.Array:
+    """Rows with an attended token. A row with none is filler (the evaluator pads its last batch
+    with such pairs, which have no labels either) and counts in no metric."""
+    return jnp.any(attention_mask_BT.astype(bool), axis=-1)
+
+
+def _logit_sums(logit_sum_2B, in_use_2B, B: int, per_row: int):
+    """(chosen, rejected) sums of logits over rows in use, and their entry counts: TRL's mean
+    logit is over every position but the last of every row, padding included. `where`, not a
+    product, so a filler row's values (which nothing else reads) cannot reach the sum."""
+    masked_2B = jnp.where(in_use_2B, logit_sum_2B, 0.0)
+    n_2B = in_use_2B.astype(jnp.float32) * per_row
+    return (jnp.stack([masked_2B[:B].sum(), masked_2B[B:].sum()]),
+            jnp.stack([n_2B[:B].sum(), n_2B[B:].sum()]))
 
 
 def _count_targets(targets_BT: jax.Array) -> jax.Array:
@@ -406,7 +426,7 @@ def _reduce(
 
     chosen_B, rejected_B = jax.lax.stop_gradient(chosen_B), jax.lax.stop_gradient(rejected_B)
     chosen_rewards_B, rejected_rewards_B = beta * chosen_B, beta * rejected_B
-    logits_mean_2 = s.logit_sum_2 / s.n_logit
+    logits_mean_2 = _safe_div(s.logit_sum_2, s.n_logit_2)
     metrics = {
         "rewards/chosen": pair_mean(chosen_rewards_B),
         "rewards/rejected": pair_mean(rejected_rewards_B),

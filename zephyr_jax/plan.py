@@ -118,7 +118,8 @@ def dataset_pairs(cfg) -> tuple[int | None, str]:
             n = HUB_DATASET_ROWS[spec]
             sources.append(f"{spec}: {n} rows (dataset card)")
         elif spec == loading.SAMPLE_ALIAS or os.path.exists(spec):
-            n = len(loading.load_mixture({spec: 1.0}, split=cfg.dataset_splits[0], shuffle=False))
+            n = sum(len(loading.load_mixture({spec: 1.0}, split=split, shuffle=False))
+                    for split in cfg.dataset_splits if "train" in split)
             sources.append(f"{spec}: {n} rows")
         else:
             return None, f"{spec}: size unknown"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import typing
 from typing import Any
 
 import yaml
@@ -50,7 +52,9 @@ class TrainConfig:
     optim: str = "adamw"
     learning_rate: float = 5e-6
     lr_scheduler_type: str = "inverse_sqrt"
-    warmup_steps: int = 0
+    # HF: >= 1 is a step count (a float is truncated, as HF's int()), < 1 a ratio of the total
+    # optimizer steps; `resolved_steps` gives the count
+    warmup_steps: int | float = 0
     num_train_epochs: float = 3
     max_steps: int = -1
     per_device_train_batch_size: int = 1
@@ -65,18 +69,21 @@ class TrainConfig:
     seed: int = 42
     # --- bookkeeping ---
     output_dir: str = "outputs/run"
-    logging_steps: int = 10
+    # logging/eval/save_steps as HF: an integer >= 1, or a float in (0, 1) = a ratio of the total
+    # optimizer steps; eval_steps null means logging_steps. `resolved_steps` gives the counts.
+    logging_steps: int | float = 10
     eval_strategy: str = "steps"
-    eval_steps: int | None = None
+    eval_steps: int | float | None = None
     save_strategy: str = "steps"
-    save_steps: int = 500
+    save_steps: int | float = 500
     save_total_limit: int | None = None
     # here: not a HF key. Checkpoints are copied to host memory and written by a background
     # thread while training goes on (orbax async); false waits for each write.
     async_checkpointing: bool = True
     report_to: tuple = ("tensorboard",)
     export_hf: bool = False
-    export_max_shard_size: str = "5GB"  # here: save_pretrained's max_shard_size for export_hf
+    # here: save_pretrained's max_shard_size for export_hf: a size ("5GB") or a byte count
+    export_max_shard_size: str | int = "5GB"
     loss_chunk_size: int = 512
     # --- scale ---
     mesh: dict = dataclasses.field(default_factory=dict)
@@ -93,6 +100,12 @@ class TrainConfig:
     push_to_hub: bool = False
 
     def __post_init__(self):
+        for key in FIELD_TYPES:  # every value against its declared type, before any comparison
+            value = getattr(self, key)
+            checked = check_type(key, value)
+            if checked is not value:
+                object.__setattr__(self, key, checked)
+
         def need(cond: bool, key: str, msg: str):
             if not cond:
                 raise ConfigError(f"{key}: {msg} (got {getattr(self, key)!r})")
@@ -102,7 +115,7 @@ class TrainConfig:
         need(isinstance(self.dataset_mixer, dict) and len(self.dataset_mixer) > 0, "dataset_mixer",
              "needs at least one dataset: {name_or_path: fraction}")
         for name, frac in (self.dataset_mixer or {}).items():
-            if not (isinstance(frac, int | float) and 0 < frac <= 1):
+            if isinstance(frac, bool) or not (isinstance(frac, int | float) and 0 < frac <= 1):
                 raise ConfigError(f"dataset_mixer[{name!r}]: fraction must be in (0, 1], got {frac!r}")
         need(self.max_length > 0, "max_length", "must be > 0")
         need(0 < self.max_prompt_length < self.max_length, "max_prompt_length",
@@ -118,10 +131,17 @@ class TrainConfig:
         need(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs",
              "must be > 0 unless max_steps is set")
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "logging_steps", "save_steps", "loss_chunk_size"):
-            need(isinstance(getattr(self, key), int) and getattr(self, key) > 0, key,
-                 "must be a positive integer")
-        need(self.eval_steps is None or self.eval_steps > 0, "eval_steps", "must be > 0")
+                    "gradient_accumulation_steps", "loss_chunk_size"):
+            need(getattr(self, key) > 0, key, "must be a positive integer")
+        for key in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            need(value > 0, key, "must be an integer >= 1 or a ratio of the total steps in (0, 1)")
+            if isinstance(value, float) and value >= 1:  # HF: "must be an integer if bigger than 1"
+                need(value == int(value), key, "must be a whole number of steps when >= 1, "
+                     "or a ratio in (0, 1) of the total steps")
+                object.__setattr__(self, key, int(value))
         need(self.save_total_limit is None or self.save_total_limit > 0, "save_total_limit",
              "must be > 0 or null")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
@@ -135,6 +155,9 @@ class TrainConfig:
              "must be float32, bfloat16 or float16")
         need(self.eval_strategy in STRATEGIES, "eval_strategy", f"must be one of {STRATEGIES}")
         need(self.save_strategy in STRATEGIES, "save_strategy", f"must be one of {STRATEGIES}")
+        for key in ("dataset_splits", "report_to"):
+            need(all(isinstance(x, str) for x in getattr(self, key)), key,
+                 "must be a list of names")
         need(set(self.report_to) <= {"tensorboard", "jsonl", "none"}, "report_to",
              "supports tensorboard (metrics.jsonl is always written)")
         need(not self.push_to_hub, "push_to_hub", "is not supported; export with --export_hf")
@@ -144,6 +167,32 @@ class TrainConfig:
             shard_bytes = 0
         need(shard_bytes > 0 and not isinstance(self.export_max_shard_size, bool),
              "export_max_shard_size", "must be a positive size such as 5GB, 500MB or 2GiB")
+
+    def resolved_steps(self, total_steps: int) -> dict[str, int]:
+        """The step counts of a run of `total_steps` optimizer steps, as transformers resolves them.
+
+        Returns {"warmup_steps", "logging_steps", "eval_steps", "save_steps"}, all ints:
+        - warmup_steps: `TrainingArguments.get_warmup_steps`: int(warmup_steps) when >= 1, else
+          ceil(total_steps * warmup_steps) (a ratio; 0 stays 0).
+        - logging/eval/save_steps: `TrainerState.compute_steps`: a value < 1 is a ratio,
+          ceil(total_steps * value); a value >= 1 is a count. eval_steps null is logging_steps
+          (`TrainingArguments.__post_init__` with eval_strategy "steps"; only used then).
+        For total_steps >= 1 the last three are >= 1.
+        """
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
+            raise ValueError(f"total_steps must be an integer >= 0, got {total_steps!r}")
+
+        def every(value) -> int:
+            return int(value) if value >= 1 else math.ceil(total_steps * value)
+
+        warmup = self.warmup_steps
+        eval_steps = self.logging_steps if self.eval_steps is None else self.eval_steps
+        return {
+            "warmup_steps": int(warmup) if warmup >= 1 else math.ceil(total_steps * warmup),
+            "logging_steps": every(self.logging_steps),
+            "eval_steps": every(eval_steps),
+            "save_steps": every(self.save_steps),
+        }
 
     def model_config(self) -> MixtralConfig:
         """The MixtralConfig of a random-init run (pretrained runs read config.json instead)."""
@@ -177,6 +226,65 @@ def _plain(v):
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# key -> the declared types, e.g. (int, float, NoneType) for `int | float | None`
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    key: typing.get_args(hint) or (hint,)
+    for key, hint in typing.get_type_hints(TrainConfig).items() if key in FIELDS
+}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               dict: "a mapping", tuple: "a list", type(None): "null"}
+
+
+def _expected(types: tuple[type, ...]) -> str:
+    if int in types and float in types:  # "an integer or a number" reads oddly
+        types = tuple(t for t in types if t is not int)
+    return " or ".join(_TYPE_NAMES[t] for t in types)
+
+
+def check_type(key: str, value: Any, from_text: bool = False) -> Any:
+    """`value` checked against the declared type of field `key`, normalized: a whole float for an
+    integer field becomes an int; with `from_text` (YAML/command-line values), a string such as
+    "5e-6" for a numeric field is converted. Raises ConfigError naming the key, the value and the
+    expected type: booleans are not numbers, numbers are finite, an int field takes no fraction."""
+    types = FIELD_TYPES[key]
+
+    def bad():
+        return ConfigError(f"{key}: expected {_expected(types)}, got {value!r}")
+
+    if value is None:
+        if type(None) in types:
+            return value
+        raise bad()
+    if isinstance(value, bool):
+        if bool in types:
+            return value
+        raise bad()
+    numeric = int in types or float in types
+    if numeric and str not in types and isinstance(value, str) and from_text:
+        text = value.strip()
+        try:
+            number: Any = int(text) if int in types else float(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                raise bad() from None
+        return check_type(key, number)
+    if isinstance(value, int) and numeric:
+        return value
+    if isinstance(value, float) and numeric:
+        if not math.isfinite(value):
+            raise bad()
+        if float in types:
+            return value
+        if value != int(value):
+            raise bad()
+        return int(value)
+    if tuple in types and isinstance(value, list):  # as YAML writes a tuple
+        return tuple(tuple(x) if isinstance(x, list) else x for x in value)
+    if not isinstance(value, bool | int | float) and isinstance(value, types):
+        return value
+    raise bad()
 
 
 def _check_keys(keys, source: str) -> None:
@@ -188,7 +296,12 @@ def _check_keys(keys, source: str) -> None:
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """`--key value` / `--key=value` pairs; values parsed as YAML scalars (1e-4, true, [a, b])."""
+    """`--key value` / `--key=value` pairs; values parsed as YAML scalars (1e-4, true, [a, b]).
+
+    A bare `--key` (last, or followed by another option) is `true` for a boolean key and an error
+    for any other. A string key takes the text as typed when YAML would read it as something else
+    (`--output_dir 2024`, `--eval_strategy no`, a chat template); `null` stays null.
+    """
     out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -198,16 +311,39 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         key = arg[2:]
         if "=" in key:
             key, raw = key.split("=", 1)
+            key = key.replace("-", "_")
             i += 1
         else:
-            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and key in FIELDS
-                                       and FIELDS[key].type in ("bool",)):
+            key = key.replace("-", "_")  # before the look-up: --export-hf is export_hf
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                types = FIELD_TYPES.get(key, (bool,))  # unknown keys: _check_keys names them
+                if bool not in types:
+                    raise ConfigError(f"--{key}: missing value (expected {_expected(types)})")
                 raw, i = "true", i + 1  # bare flag: --export_hf
             else:
                 raw, i = argv[i + 1], i + 2
-        key = key.replace("-", "_")
-        out[key] = yaml.safe_load(raw) if raw != "" else ""
+        out[key] = _parse_value(key, raw)
     return out
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    if key not in FIELD_TYPES:
+        return raw  # _check_keys names the unknown key
+    types = FIELD_TYPES[key]
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        if str in types:
+            return raw
+        raise ConfigError(f"--{key}: cannot parse {raw!r} as YAML: {_one_line(e)}") from None
+    if str in types and value is not None and not isinstance(value, str):
+        if isinstance(value, bool) or not isinstance(value, types):
+            return raw
+    return value
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def load_train_config(path: str | os.PathLike | None, argv: list[str] | None = None) -> TrainConfig:
@@ -219,8 +355,15 @@ def load_train_config(path: str | os.PathLike | None, argv: list[str] | None = N
                 values = yaml.safe_load(fh) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the config file: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of training keys")
+        for key in values:
+            if not isinstance(key, str):
+                raise ConfigError(f"{path}: keys must be names, got {key!r}")
         _check_keys(values, path)
     overrides = parse_overrides(argv or [])
     _check_keys(overrides, "command line")
@@ -233,12 +376,8 @@ def load_train_config(path: str | os.PathLike | None, argv: list[str] | None = N
             values[key] = tuple(tuple(x) if isinstance(x, list) else x for x in values[key])
         elif isinstance(values.get(key), str):
             values[key] = (values[key],)
-    for key, f in FIELDS.items():  # ints and floats written as YAML ints/strings ("5e-6")
-        if key in values and f.type in ("float", "int") and isinstance(values[key], str):
-            try:
-                values[key] = float(values[key]) if f.type == "float" else int(values[key])
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {values[key]!r}") from None
+    for key in values:  # numbers written as YAML strings ("5e-6"), every type checked
+        values[key] = check_type(key, values[key], from_text=True)
     return TrainConfig(**values)
 
 

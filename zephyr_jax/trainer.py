@@ -75,28 +75,45 @@ def _tokenizer_source(cfg: TrainConfig) -> str | None:
 
 
 def build_data(cfg: TrainConfig, tokenizer, process_index: int, process_count: int):
-    """Tokenized train / eval examples, each with its processing report."""
-    out = []
-    for split in cfg.dataset_splits:
-        rows = zdata.load_mixture(cfg.dataset_mixer, split=split)  # the handbook's fixed seed 42
+    """Tokenized (train, eval) examples; eval is None without a test split.
+
+    Splits go by name, as the handbook's `mix_datasets` sorts them: every split whose name has
+    "train" is training data, every other ("test" in its name) held-out data, in any order.
+    """
+    mixed = zdata.mix_datasets(cfg.dataset_mixer, cfg.dataset_splits)  # the handbook's seed 42
+    if "train" not in mixed:
+        raise ConfigError(f"dataset_splits: {list(cfg.dataset_splits)} names no train split "
+                          "(a split whose name contains 'train')")
+    out = {}
+    for kind, rows in mixed.items():
+        names = [s for s in cfg.dataset_splits if (kind in s and (kind == "train" or "train" not in s))]
         examples, report = zdata.tokenize_dataset(
             rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-            max_bad_fraction=cfg.max_bad_row_fraction, source=f"{split} split")
+            max_bad_fraction=cfg.max_bad_row_fraction, source=f"{kind} split {'+'.join(names)}")
         if process_index == 0:
-            print(f"[data] {split}: {report.summary()}", flush=True)
-        out.append(examples)
-    return out[0], (out[1] if len(out) > 1 else None)
+            print(f"[data] {kind} ({'+'.join(names)}): {report.summary()}", flush=True)
+        if not examples:
+            raise zdata.DataError(f"{kind} split {'+'.join(names)}: no pair is left after "
+                                  f"processing ({report.summary()}); check max_prompt_length="
+                                  f"{cfg.max_prompt_length} and the data")
+        out[kind] = examples
+    return out["train"], out.get("test")
 
 
 def _stack_micro(batches: list[dict]) -> dict:
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
+# HF logs these as they were at the logging step (its own grad norm, the lr that step used), and
+# window means for the loss and TRL's stored metrics
+_AT_STEP = ("learning_rate", "grad_norm")
+
+
 def _mean_window(window: list[dict]) -> dict:
     out = {}
     for k in window[0]:
         vals = np.stack([np.asarray(m[k], np.float64) for m in window])
-        out[k] = vals.sum(0) if k == "num_tokens" else vals.mean(0)
+        out[k] = vals.sum(0) if k == "num_tokens" else vals[-1] if k in _AT_STEP else vals.mean(0)
     return out
 
 
@@ -120,19 +137,37 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def eval_batches(examples, batch_size: int, max_length: int, pad_token_id: int,
+                 process_index: int = 0, process_count: int = 1):
+    """`(this process's rows, real pairs)` of each global eval batch of `batch_size` pairs, in order.
+
+    Every pair is evaluated: the last global batch is filled up with empty pairs (no attended
+    token, no label, so they count in no metric), which keeps one shape for every batch and lets
+    it split over any number of devices and processes."""
+    local = batch_size // process_count
+    n = len(examples)
+    filler = {k: np.zeros(0, np.int32) for k in zdata.BATCH_KEYS}
+    for start in range(0, n, batch_size):
+        mine = range(min(start + process_index * local, n), min(start + (process_index + 1) * local, n))
+        rows = [examples[i] for i in mine] + [filler] * (local - len(mine))
+        yield zdata.collate(rows, max_length, pad_token_id), min(batch_size, n - start)
+
+
 def evaluate(eval_fn, params, examples, batch_size: int, max_length: int, pad_token_id: int,
              to_global=lambda b, leading: b, process_index: int = 0, process_count: int = 1) -> dict:
-    """Mean of the eval step's metrics over the held-out pairs (full global batches), `eval_` names."""
-    loader = zdata.PreferenceLoader(examples, batch_size=batch_size // process_count,
-                                    max_length=max_length, pad_token_id=pad_token_id, seed=0,
-                                    num_epochs=1, shuffle=False, shard_index=process_index,
-                                    shard_count=process_count,
-                                    # one process: keep the last partial batch (every pair counts)
-                                    drop_remainder=process_count > 1)
-    window = [jax.device_get(eval_fn(params, to_global(b, 0))) for b in loader]
+    """The eval step's metrics over every held-out pair, `eval_` names, as HF + TRL report them:
+    `eval_loss` the mean over pairs (HF's evaluation loop weighs each batch's loss by its size),
+    TRL's metrics the mean over batches of each batch's value (its `store_metrics`)."""
+    window, sizes = [], []
+    for batch, real in eval_batches(examples, batch_size, max_length, pad_token_id,
+                                    process_index, process_count):
+        window.append(jax.device_get(eval_fn(params, to_global(batch, 0))))
+        sizes.append(real)
     if not window:
         return {}
-    return {f"eval_{k}": v for k, v in _mean_window(window).items()}
+    out = _mean_window(window)
+    out["loss"] = np.average([np.float64(m["loss"]) for m in window], weights=sizes)
+    return {f"eval_{k}": v for k, v in out.items()}
 
 
 def mesh_and_shardings(cfg: TrainConfig, model_cfg: MixtralConfig, global_batch: int,
@@ -148,7 +183,8 @@ def mesh_and_shardings(cfg: TrainConfig, model_cfg: MixtralConfig, global_batch:
 
 def make_tx(cfg: TrainConfig, total_steps: int):
     """(schedule, optimizer) of the run."""
-    schedule = make_schedule(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_steps, total_steps)
+    schedule = make_schedule(cfg.lr_scheduler_type, cfg.learning_rate,
+                             cfg.resolved_steps(total_steps)["warmup_steps"], total_steps)
     tx = make_optimizer(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                         moment_dtype=jnp.dtype(cfg.optimizer_moment_dtype))
@@ -235,14 +271,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = zdata.load_tokenizer(_tokenizer_source(cfg), chat_template=cfg.chat_template)
     train_examples, eval_examples = build_data(cfg, tokenizer, process_index, process_count)
 
+    if len(train_examples) < micro_batch:
+        raise ConfigError(f"dataset_mixer: {len(train_examples)} train pairs are fewer than one "
+                          f"micro-batch of {micro_batch} (per_device_train_batch_size * devices)")
     loader = zdata.PreferenceLoader(train_examples, batch_size=micro_batch // process_count,
                                     max_length=cfg.max_length, pad_token_id=tokenizer.pad_token_id,
                                     seed=cfg.seed, num_epochs=None, shard_index=process_index,
                                     shard_count=process_count)
-    steps_per_epoch = loader.steps_per_epoch // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"dataset_mixer: {len(train_examples)} train pairs are fewer than one "
-                          f"optimizer step of {micro_batch * accum} pairs")
+    # HF: an epoch is every micro-batch of the loader; its last optimizer step takes the
+    # micro-batches left over when `accum` does not divide them (`micro_counts`)
+    steps_per_epoch = math.ceil(loader.steps_per_epoch / accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
     schedule, tx = make_tx(cfg, total_steps)
@@ -260,8 +298,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             state, meta = ckpt.restore(target)  # no weights are read from the base model
             # process 0 wrote the meta; every process stands at the same step of its own shard
             data_state = meta["data_state"]
-            loader.set_state({**data_state, "config": {**data_state["config"],
-                                                       "shard_index": process_index}})
+            try:
+                loader.set_state({**data_state, "config": {**data_state["config"],
+                                                           "shard_index": process_index}})
+            except ValueError as e:  # other batch size, device or process count, or data
+                raise ConfigError(
+                    f"cannot resume {ckpt.directory}/{resumed}: {e}. Resume with the run's "
+                    "per_device_train_batch_size, devices, processes, seed and data, or start a "
+                    "new output_dir") from None
             print(f"[train] resumed from {ckpt.directory}/{resumed}", flush=True)
         else:
             params = build_params(cfg, model_cfg, p_shard)
@@ -284,8 +328,20 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
     def to_global(batch, leading):
         return {k: sharding.global_batch_array(v, mesh, rules, leading) for k, v in batch.items()}
 
-    def next_batch():
-        return to_global(_stack_micro([next(loader) for _ in range(accum)]), leading=1)
+    micro_per_epoch = loader.steps_per_epoch
+
+    def micro_count(step: int) -> int:
+        """Micro-batches of optimizer step `step` (0-based): `accum`, but the epoch's last step
+        takes only what is left of the epoch (HF's last, shorter accumulation)."""
+        return min(accum, micro_per_epoch - (step % steps_per_epoch) * accum)
+
+    def epoch_at(steps: int) -> float:
+        """Epochs done after `steps` optimizer steps, in micro-batches as HF counts them."""
+        full, part = divmod(steps, steps_per_epoch)
+        return full + part * accum / micro_per_epoch
+
+    def next_batch(step: int):
+        return to_global(_stack_micro([next(loader) for _ in range(micro_count(step))]), leading=1)
 
     # the loader runs one batch ahead of the state (below), so checkpoints record the position
     # after the batches the saved state has consumed, not the loader's own
@@ -296,21 +352,21 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
                 "model_config": model_cfg.to_hf()}
 
     # resume_step drops what a killed run logged past its checkpoint, so the log has no duplicates
-    logger = RunLogger(cfg.output_dir, report_to=cfg.report_to, logging_steps=cfg.logging_steps,
+    every = cfg.resolved_steps(total_steps)  # HF: a value below 1 is a ratio of total_steps
+    logger = RunLogger(cfg.output_dir, report_to=cfg.report_to, logging_steps=every["logging_steps"],
                        resume_step=int(state.step) if resumed is not None else None)
-    # HF: eval_steps defaults to logging_steps
-    eval_every = ((cfg.eval_steps or cfg.logging_steps)
-                  if cfg.eval_strategy == "steps" and cfg.do_eval else None)
+    # HF: eval_steps defaults to logging_steps (resolved_steps applies it)
+    eval_every = every["eval_steps"] if cfg.eval_strategy == "steps" and cfg.do_eval else None
     step, window, last_logged = int(state.step), [], {}
     progress = logger.progress(total=total_steps, initial=step)
     with _StopFlag() as stop:
-        batch = next_batch() if step < total_steps else None
+        batch = next_batch(step) if step < total_steps else None
         while step < total_steps:
             state, metrics = train_step(state, batch)  # dispatched: the device runs it from here
             data_state = loader.get_state()
             # read and send the next batch while this step runs, instead of after it: the
             # device_get below is the loop's only wait for the device
-            batch = next_batch() if step + 1 < total_steps else None
+            batch = next_batch(step + 1) if step + 1 < total_steps else None
             metrics = jax.device_get(metrics)
             step += 1
             if not metrics.pop("finite"):
@@ -322,18 +378,21 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
             window.append(metrics)
             progress.update(step, loss=float(metrics["loss"]), lr=float(metrics["learning_rate"]),
                             tokens=float(metrics["num_tokens"]))
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                last_logged = {**_mean_window(window), "epoch": step / steps_per_epoch}
+            if step % every["logging_steps"] == 0 or step == total_steps:
+                last_logged = {**_mean_window(window), "epoch": epoch_at(step)}
                 logger.log(step, last_logged)
                 window = []
-            if eval_examples is not None and eval_every and step % eval_every == 0 and step < total_steps:
+            at_epoch_end = step % steps_per_epoch == 0
+            if (eval_examples is not None and step < total_steps and cfg.do_eval
+                    and ((eval_every and step % eval_every == 0)
+                         or (cfg.eval_strategy == "epoch" and at_epoch_end))):
                 logger.log(step, evaluate(eval_step, state.params, eval_examples,
                                           cfg.per_device_eval_batch_size * n_devices, cfg.max_length,
                                           tokenizer.pad_token_id, to_global,
                                           process_index, process_count))
-            if cfg.save_strategy == "steps" and step % cfg.save_steps == 0:
+            if cfg.save_strategy == "steps" and step % every["save_steps"] == 0:
                 ckpt.save(state, save_meta())
-            if cfg.save_strategy == "epoch" and step % steps_per_epoch == 0:
+            if cfg.save_strategy == "epoch" and at_epoch_end:
                 ckpt.save(state, save_meta())
             if any_process(stop.signal is not None):  # all hosts stop at the same step
                 ckpt.save(state, save_meta())

@@ -174,6 +174,10 @@ def _decoder_layer(cfg: MixtralConfig, p: dict, x_BTD, cos_BTH, sin_BTH, mask_BT
 
     valid_N = token_valid_N.astype(jnp.float32)
     E = probs_NE.shape[-1]
+    # padding tokens' probabilities are zeroed with `where`, not only weighted by 0: a row with no
+    # attended token at all (the evaluator's filler pairs) may come out of some attention kernels
+    # as NaN, and NaN * 0 is NaN
+    probs_NE = jnp.where(token_valid_N[:, None], probs_NE, 0.0)
     stats = {
         "counts_E": jnp.einsum("nke,n->e", jax.nn.one_hot(expert_NK, E, dtype=jnp.float32), valid_N),
         "prob_sum_E": jnp.einsum("ne,n->e", probs_NE, valid_N),
