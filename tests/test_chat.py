@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import transformers
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 import zephyr_jax
+from zephyr_jax import chat
 from zephyr_jax.chat import load_chat_tokenizer, main
 from zephyr_jax.data import ZEPHYR_CHAT_TEMPLATE
 from zephyr_jax.generation import chat_prompt_ids, generate, generate_ids, stream_generate
@@ -155,3 +157,47 @@ def test_tokenizer_choice(tmp_path, folder):
     assert base.chat_template == ZEPHYR_CHAT_TEMPLATE and len(base) == VOCAB
     default = load_chat_tokenizer(str(tmp_path))  # no tokenizer files: the shipped one
     assert default.chat_template == ZEPHYR_CHAT_TEMPLATE and default.vocab_size == 32000
+
+
+def test_cli_takes_a_hub_models_tokenizer_from_its_snapshot(tmp_path, folder, monkeypatch, capsys):
+    """`--model org/name`: the tokenizer (and chat template) is the downloaded snapshot's, not
+    the shipped Mixtral one that the raw id, not being a folder, used to fall back to."""
+    import huggingface_hub
+
+    snapshot = shutil.copytree(folder, tmp_path / "snapshot")
+    custom = word_level_tokenizer()
+    custom.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    custom.save_pretrained(snapshot)
+    fetched, used = [], []
+
+    def snapshot_download(repo_id, **kw):
+        fetched.append(repo_id)
+        return str(snapshot)
+
+    def fake_generate(model, tokenizer, messages, **kw):
+        used.append(tokenizer)
+        return "answer"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(chat, "generate", fake_generate)
+    assert main(["--model", "someorg/somemodel", "--prompt", "hi", "--mesh", "none"]) == 0
+    assert capsys.readouterr().out == "answer\n"
+    (tok,) = used
+    assert tok.chat_template == custom.chat_template and len(tok) == VOCAB
+    assert fetched == ["someorg/somemodel"]  # resolved once, then the folder is used
+
+
+def test_chat_stops_at_any_eos_id_of_the_model_config(loaded):
+    """config.json may list several EOS ids (transformers' generate stops at any): the chat stops
+    at the second one too, not only at the tokenizer's."""
+    model, tok = loaded
+    free = generate_ids(model, [chat_prompt_ids(tok, CONV)], N_NEW, temperature=0.0)[0]
+    # the first token after the first that is new, before any tokenizer EOS
+    k = next(i for i, t in enumerate(free) if i > 0 and t not in free[:i])
+    assert tok.eos_token_id not in free[:k + 1]
+    cfg = model.config.replace(eos_token_id=(tok.eos_token_id, free[k]))
+    two_eos = zephyr_jax.model_from_params(cfg, zephyr_jax.params_dict(model))
+    want = tok.decode(free[:k], skip_special_tokens=True).strip()
+    assert want and want != tok.decode(free, skip_special_tokens=True).strip()
+    assert generate(two_eos, tok, CONV, N_NEW, temperature=0.0) == want
+    assert "".join(stream_generate(two_eos, tok, CONV, N_NEW, temperature=0.0)).strip() == want

@@ -224,3 +224,65 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(ValueError, match="parse"):
         parse_size("lots")
+
+
+def test_eos_list_and_pad_survive_export_and_generation_stops_at_any_eos(tmp_path):
+    """config.json's eos_token_id list and pad_token_id come back from hf -> ours -> hf whole
+    (config.json and the generation_config.json made from it), and both transformers' generate
+    on the export and ours stop at the list's second id, which one row emits."""
+    import zephyr_jax as zj
+    from zephyr_jax.config import MixtralConfig
+    from zephyr_jax.generation import generate_ids
+
+    # initializer_range 0.1: logits far enough apart for greedy float32 parity (tests/test_generate.py)
+    hf_model = make_hf_model(seed=3, initializer_range=0.1, pad_token_id=0)
+    # three rows and two EOS ids: a comparison of the rows' tokens with the ids cannot broadcast
+    prompts, n_new = [[1, 7, 50], [1, 5, 9, 33, 17, 60, 4], [1, 64, 22, 40, 12]], 12
+
+    def hf_greedy(model):
+        P = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=n_new)
+        return out[:, P:].tolist()
+
+    hf_model.generation_config.eos_token_id = None
+    free = hf_greedy(hf_model)
+    stop = free[0][3]  # emitted by row 0 early on
+    never = next(t for t in range(3, 67) if all(t not in row for row in free))
+    eos = [never, stop]  # the id that stops is the second: a config keeping eos[0] misses it
+    hf_model.config.eos_token_id = hf_model.generation_config.eos_token_id = eos
+    src = save_hf(hf_model, tmp_path / "hf")
+    os.remove(os.path.join(src, "generation_config.json"))  # the export must make its own
+    _run("hf-to-jax", "--hf", src, "--out", str(tmp_path / "ckpt"))
+    out = tmp_path / "back"
+    _run("jax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out))
+    with open(out / "config.json") as fh:
+        config = json.load(fh)
+    with open(out / "generation_config.json") as fh:
+        generation = json.load(fh)
+    assert (config["eos_token_id"], config["pad_token_id"]) == (eos, 0)
+    assert (generation["eos_token_id"], generation["pad_token_id"]) == (eos, 0)
+
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
+    assert (back.generation_config.eos_token_id, back.generation_config.pad_token_id) == (eos, 0)
+    want = hf_greedy(back)
+    row = want[0]
+    assert row.index(stop) == free[0].index(stop) < n_new - 1
+    assert row[row.index(stop):] == [stop] + [0] * (len(row) - row.index(stop) - 1)  # then pads
+    model = zj.from_pretrained(out)
+    assert model.config.eos_token_id == tuple(eos) and model.config.pad_token_id == 0
+    got = generate_ids(model, prompts, n_new, temperature=0.0, bucket=8,
+                       eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id)
+    assert got == want
+
+    # model checkpoints saved before pad_token_id (and eos lists) were kept still load
+    old = {k: v for k, v in config.items() if k != "pad_token_id"}
+    old["eos_token_id"] = 2
+    with open(tmp_path / "ckpt" / "config.json", "w") as fh:
+        json.dump(old, fh)
+    cfg = mc.load_model_config(tmp_path / "ckpt")
+    assert (cfg.eos_token_id, cfg.pad_token_id, cfg.eos_token_ids) == (2, None, (2,))
+    assert cfg == MixtralConfig.from_hf(cfg.to_hf())

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import jax
 
 from zephyr_jax.generation import generate, stream_generate
-from zephyr_jax.pretrained import as_mesh, config_of, from_pretrained
+from zephyr_jax.pretrained import as_mesh, config_of, from_pretrained, resolve_path
 from zephyr_jax.sharding import MeshConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -113,15 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        mesh = chat_mesh(args.mesh, args.model)
-        dtype = config_of(args.model, param_dtype=args.dtype).param_dtype  # auto: as stored
-        model = from_pretrained(args.model, mesh=mesh, param_dtype=dtype, dtype=dtype)
+        # A Hub id becomes its downloaded snapshot here, once: the tokenizer (and its chat
+        # template) must come from that folder too, not be looked up by the raw id.
+        path = resolve_path(args.model)
+        mesh = chat_mesh(args.mesh, path)
+        dtype = config_of(path, param_dtype=args.dtype).param_dtype  # auto: as stored
+        model = from_pretrained(path, mesh=mesh, param_dtype=dtype, dtype=dtype)
     except (ValueError, OSError) as e:  # bad --mesh / --dtype, unreadable model: one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
     where = f"mesh {dict(mesh.shape)}" if mesh is not None else str(jax.devices()[0])
     print(f"[chat] {args.model}: {model.config.param_dtype} on {where}", file=sys.stderr)
-    tokenizer = load_chat_tokenizer(args.model)
+    tokenizer = load_chat_tokenizer(path)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     # Training prompts carried an empty system turn (the handbook's auto_insert_empty_system_msg):

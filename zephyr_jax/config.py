@@ -19,13 +19,16 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_matmuls", "save
 ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# config.json keys that carry no architecture we model; accepted and dropped by `from_hf`.
+# config.json keys that carry no architecture we model; accepted and dropped by `from_hf`. Keys
+# starting with "_" (transformers' own bookkeeping: "_name_or_path", "_attn_implementation_autoset"
+# of transformers 4.48-4.51, ...) are dropped too, as transformers itself does not read them as
+# model settings.
 _HF_IGNORED = frozenset(
     {
         "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
         "attention_dropout", "initializer_range", "output_router_logits_in_generate",
-        "_name_or_path", "return_dict", "output_hidden_states", "output_attentions",
-        "pretraining_tp", "pad_token_id",
+        "return_dict", "output_hidden_states", "output_attentions",
+        "pretraining_tp",
         "layer_types", "mlp_bias", "attention_bias", "auto_map", "chunk_size_feed_forward",
         "is_encoder_decoder", "tie_encoder_decoder", "problem_type", "id2label", "label2id",
         "task_specific_params", "finetuning_task", "tokenizer_class", "prefix", "sep_token_id",
@@ -68,7 +71,10 @@ class MixtralConfig:
     router_jitter_noise: float = 0.0
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
-    eos_token_id: int = 2
+    # One id or several (a list in config.json, kept as a tuple here so the config stays
+    # hashable); generation stops at any of them, as transformers' generate does.
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
     # --- runtime (ours; not in config.json) ---
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -91,6 +97,9 @@ class MixtralConfig:
         def need(cond: bool, field: str, msg: str):
             if not cond:
                 raise ConfigError(f"MixtralConfig.{field}: {msg} (got {getattr(self, field)!r})")
+
+        if isinstance(self.eos_token_id, list):  # from JSON / YAML; a list cannot be hashed
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "num_local_experts",
@@ -130,8 +139,20 @@ class MixtralConfig:
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
              f"must be one of {ATTENTION_IMPLS}")
         need(isinstance(self.scan_layers, bool), "scan_layers", "must be true or false")
+        need(self.eos_token_id is None or _is_token_id(self.eos_token_id)
+             or (isinstance(self.eos_token_id, tuple) and len(self.eos_token_id) > 0
+                 and all(_is_token_id(t) for t in self.eos_token_id)),
+             "eos_token_id", "must be a token id, a non-empty list of them, or null")
+        need(self.pad_token_id is None or _is_token_id(self.pad_token_id), "pad_token_id",
+             "must be a token id or null")
 
     # --- derived ---
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every EOS id (none when eos_token_id is null): what generation stops at."""
+        eos = self.eos_token_id
+        return () if eos is None else (eos,) if isinstance(eos, int) else eos
+
     @property
     def kv_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
@@ -176,6 +197,9 @@ class MixtralConfig:
                 raise ConfigError(f"{path}: config.json not found") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: expected a JSON object of config keys, got "
+                              f"{type(hf).__name__} {json.dumps(hf)[:80]}")
         model_type = hf.get("model_type", "mixtral")
         if model_type != "mixtral":
             raise ConfigError(f"{source}: model_type is {model_type!r}; only 'mixtral' is supported")
@@ -196,10 +220,8 @@ class MixtralConfig:
         for key, value in hf.items():
             if key in arch:
                 kwargs[key] = value
-            elif key not in _HF_IGNORED:
+            elif not (key.startswith("_") or key in _HF_IGNORED):
                 raise ConfigError(f"{source}: unknown Mixtral config key {key!r}")
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         try:
             return cls(**kwargs, **runtime)
         except ConfigError as e:
@@ -210,6 +232,8 @@ class MixtralConfig:
                if f.name not in _RUNTIME_FIELDS}
         if out["head_dim"] is None:
             out["head_dim"] = self.kv_head_dim
+        if isinstance(self.eos_token_id, tuple):
+            out["eos_token_id"] = list(self.eos_token_id)
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
         out.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
                    dtype=self.param_dtype, initializer_range=0.02, attention_dropout=0.0,
@@ -244,6 +268,11 @@ class MixtralConfig:
             have = sorted(p[:-5] for p in os.listdir(os.path.join(CONFIG_DIR, "model")))
             raise ConfigError(f"no model preset {name!r}; have {have}")
         return cls.from_yaml(path).replace(**overrides)
+
+
+def _is_token_id(x: Any) -> bool:
+    # Any int: some published configs carry -1 ("none"), which transformers accepts too.
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 _RUNTIME_FIELDS = frozenset(

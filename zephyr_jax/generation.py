@@ -10,7 +10,8 @@ shape and never per token. Both derive the step-`i` sampling key as `fold_in(key
 a given seed they produce the same tokens.
 
 Chat level: `generate` / `stream_generate` render conversations with the tokenizer's chat template
-(generation prompt appended), stop at the tokenizer's EOS and decode text.
+(generation prompt appended), stop at the tokenizer's EOS or any of the model config's EOS ids and
+decode text.
 
 Positions follow transformers' `generate` (5.x `_prepare_position_ids_for_generation` and
 `_update_model_kwargs_for_generation`): a left-padded row's positions count its real tokens,
@@ -39,6 +40,7 @@ from zephyr_jax.model import KVCache, Mixtral, init_kv_cache
 # reuses compiled code; extra left pads are masked keys and change no logit.
 DEFAULT_LENGTH_BUCKET = 64
 _NO_EOS = -1  # a token id that never occurs, standing in for "no EOS" inside jitted code
+EosIds = int | Sequence[int] | None  # one EOS id, several (stop at any, as transformers), or none
 
 
 class _Sampling(NamedTuple):
@@ -53,7 +55,7 @@ class _DecodeState(NamedTuple):
     cache: KVCache
     token_B: jax.Array  # the last emitted token of each row (the next step's input)
     position_B: jax.Array  # the position that token takes
-    finished_B: jax.Array  # the row has emitted EOS
+    finished_B: jax.Array  # the row has emitted one of the EOS ids
     step: jax.Array  # tokens emitted so far
     key: jax.Array  # base PRNG key; step i samples with fold_in(key, i)
 
@@ -123,8 +125,12 @@ def _last_logits(model: Mixtral, ids_BT, mask_BT, positions_BT, cache: KVCache):
     return logits_BV.astype(jnp.float32), cache
 
 
+def _is_eos(token_B: jax.Array, eos_K: jax.Array) -> jax.Array:
+    return jnp.any(token_B[:, None] == eos_K[None, :], axis=-1)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _prefill(graphdef, state, ids_BP, mask_BP, seed, cache_len: int, sampling: _Sampling, eos):
+def _prefill(graphdef, state, ids_BP, mask_BP, seed, cache_len: int, sampling: _Sampling, eos_K):
     model = nnx.merge(graphdef, state)
     B = ids_BP.shape[0]
     positions_BP = jnp.maximum(jnp.cumsum(mask_BP.astype(jnp.int32), axis=-1) - 1, 0)
@@ -132,11 +138,11 @@ def _prefill(graphdef, state, ids_BP, mask_BP, seed, cache_len: int, sampling: _
     logits_BV, cache = _last_logits(model, ids_BP, mask_BP, positions_BP, cache)
     key = jax.random.key(seed)
     token_B = _next_token(logits_BV, jax.random.fold_in(key, 0), sampling)
-    return _DecodeState(cache, token_B, positions_BP[:, -1] + 1, token_B == eos,
+    return _DecodeState(cache, token_B, positions_BP[:, -1] + 1, _is_eos(token_B, eos_K),
                         jnp.ones((), jnp.int32), key)
 
 
-def _step(graphdef, state, ds: _DecodeState, sampling: _Sampling, eos, pad) -> _DecodeState:
+def _step(graphdef, state, ds: _DecodeState, sampling: _Sampling, eos_K, pad) -> _DecodeState:
     """Feed each row's last token, emit the next one; finished rows emit `pad` (as HF does)."""
     model = nnx.merge(graphdef, state)
     B = ds.token_B.shape[0]
@@ -144,7 +150,7 @@ def _step(graphdef, state, ds: _DecodeState, sampling: _Sampling, eos, pad) -> _
                                     ds.position_B[:, None], ds.cache)
     token_B = _next_token(logits_BV, jax.random.fold_in(ds.key, ds.step), sampling)
     token_B = jnp.where(ds.finished_B, pad, token_B)
-    return _DecodeState(cache, token_B, ds.position_B + 1, ds.finished_B | (token_B == eos),
+    return _DecodeState(cache, token_B, ds.position_B + 1, ds.finished_B | _is_eos(token_B, eos_K),
                         ds.step + 1, ds.key)
 
 
@@ -153,7 +159,7 @@ _decode_step = jax.jit(_step, static_argnums=0, donate_argnums=2)
 
 @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=2)
 def _decode_loop(graphdef, state, ds: _DecodeState, max_new_tokens: int, sampling: _Sampling,
-                 eos, pad):
+                 eos_K, pad):
     B = ds.token_B.shape[0]
     out_BN = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(ds.token_B)
 
@@ -163,7 +169,7 @@ def _decode_loop(graphdef, state, ds: _DecodeState, max_new_tokens: int, samplin
 
     def body(carry):
         ds, out_BN = carry
-        ds = _step(graphdef, state, ds, sampling, eos, pad)
+        ds = _step(graphdef, state, ds, sampling, eos_K, pad)
         out_BN = jax.lax.dynamic_update_slice(out_BN, ds.token_B[:, None], (0, ds.step - 1))
         return ds, out_BN
 
@@ -226,7 +232,7 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_
     sampling = _sampling(temperature, top_k, top_p)
     ids_BP, mask_BP = _left_pad(prompts, pad_token_id, model.config.vocab_size, bucket)
     graphdef, state = nnx.split(model)
-    eos = np.int32(_NO_EOS if eos_token_id is None else eos_token_id)
+    eos = np.asarray(_eos_list(eos_token_id) or [_NO_EOS], np.int32)
     pad = np.int32(pad_token_id)
     # The last emitted token is never fed back, hence the - 1.
     cache_len = ids_BP.shape[1] + max_new_tokens - 1
@@ -244,18 +250,19 @@ def generate_ids(
     top_k: int | None = 50,
     top_p: float | None = 0.95,
     seed: int = 0,
-    eos_token_id: int | None = None,
+    eos_token_id: EosIds = None,
     pad_token_id: int = 0,
     bucket: int = DEFAULT_LENGTH_BUCKET,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` new tokens for each prompt (lists of token ids).
 
     Greedy when `temperature == 0`; otherwise temperature, top-k, top-p (HF semantics; 0 / 1.0
-    disable), then a draw seeded by `seed` (same seed, same tokens). With `eos_token_id`, a row
-    stops at its EOS and emits `pad_token_id` afterwards, and decoding ends once every row has
-    stopped; without it every row runs `max_new_tokens`. Returns the new tokens only, all rows the
-    same length, as `transformers` `generate(...)[:, prompt_len:]` would. `bucket` rounds the padded
-    prompt length up to reuse compiled code across calls.
+    disable), then a draw seeded by `seed` (same seed, same tokens). With `eos_token_id` (one id,
+    or a list as transformers takes, any of which stops), a row stops at its first EOS and emits
+    `pad_token_id` afterwards, and decoding ends once every row has stopped; without it every row
+    runs `max_new_tokens`. Returns the new tokens only, all rows the same length, as
+    `transformers` `generate(...)[:, prompt_len:]` would. `bucket` rounds the padded prompt length
+    up to reuse compiled code across calls.
     """
     graphdef, state, ds, sampling, eos, pad = _start(
         model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
@@ -274,7 +281,7 @@ def stream_ids(
     top_k: int | None = 50,
     top_p: float | None = 0.95,
     seed: int = 0,
-    eos_token_id: int | None = None,
+    eos_token_id: EosIds = None,
     pad_token_id: int = 0,
     bucket: int = DEFAULT_LENGTH_BUCKET,
 ) -> Iterator[list[int]]:
@@ -316,9 +323,23 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     return ids
 
 
-def _until_eos(ids: Sequence[int], eos: int | None) -> list[int]:
+def _eos_list(eos_token_id: EosIds) -> list[int]:
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else \
+        [int(t) for t in eos_token_id]
+
+
+def _chat_eos(model: Mixtral, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS and every EOS id of the model's config.json: transformers' generate
+    stops at the latter (its generation config), a chat template ends turns with the former."""
+    ids = _eos_list(tokenizer.eos_token_id)
+    return ids + [t for t in model.config.eos_token_ids if t not in ids]
+
+
+def _until_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
     ids = list(ids)
-    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
+    return next((ids[:i] for i, t in enumerate(ids) if t in eos), ids)
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -350,15 +371,16 @@ def generate(
     """Answer one conversation (a list of {role, content}) or a batch of them.
 
     Applies the tokenizer's chat template with the generation prompt, generates until the
-    tokenizer's EOS (or `max_new_tokens`), and returns the decoded answer (special tokens skipped,
-    surrounding whitespace stripped): a string for one conversation, a list for a batch. Defaults
-    are the Zephyr model card's sampling settings; `temperature=0` is greedy.
+    tokenizer's EOS or any of the model config's (or `max_new_tokens`), and returns the decoded
+    answer (special tokens skipped, surrounding whitespace stripped): a string for one
+    conversation, a list for a batch. Defaults are the Zephyr model card's sampling settings;
+    `temperature=0` is greedy.
     """
     single = _is_conversation(messages_or_batch)
     batch = [messages_or_batch] if single else list(messages_or_batch)
     if not batch or not all(_is_conversation(c) for c in batch):
         raise ValueError("expected a conversation (list of {role, content}) or a list of them")
-    eos = tokenizer.eos_token_id
+    eos = _chat_eos(model, tokenizer)
     out = generate_ids(model, [chat_prompt_ids(tokenizer, c) for c in batch], max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        eos_token_id=eos, pad_token_id=_pad_id(tokenizer))
@@ -383,13 +405,13 @@ def stream_generate(
     """
     if not _is_conversation(messages):
         raise ValueError("expected a conversation: a non-empty list of {role, content}")
-    eos = tokenizer.eos_token_id
+    eos = _chat_eos(model, tokenizer)
     ids: list[int] = []
     sent = ""
     for (token,) in stream_ids(model, [chat_prompt_ids(tokenizer, messages)], max_new_tokens,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                eos_token_id=eos, pad_token_id=_pad_id(tokenizer)):
-        if token == eos:
+        if token in eos:
             break
         ids.append(token)
         text = _decode(tokenizer, ids).lstrip()

@@ -24,9 +24,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -104,13 +105,46 @@ def check_shapes(cfg: MixtralConfig, shapes: dict[str, tuple[int, ...]], where: 
 # ------------------------------------------------------------------------------ the folder
 
 
+def check_not_source(out: str | os.PathLike, sources: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output folder that is one of `sources` (folders the output is made from) or
+    contains one, before anything is written.
+
+    A staged output replaces `out` whole, so such an `out` would delete the very files being
+    converted (`--out` = `--hf` with --overwrite, or the trainer output_dir holding --ckpt). An
+    output inside a source is fine (`--ckpt run --out run/hf`, as the trainer exports): the
+    readers read named files and folders of the source, never the new one. Paths are compared
+    resolved (`os.path.realpath`), so symlinks and `..` cannot hide a match.
+    """
+    real_out = os.path.realpath(os.fspath(out))
+    for src in sources:
+        if src is None:
+            continue
+        real_src = os.path.realpath(os.fspath(src))
+        if real_out == real_src:
+            how = "is"
+        elif os.path.commonpath([real_out, real_src]) == real_out:
+            how = "contains"
+        else:
+            continue
+        # the resolved paths too where a symlink made the match
+        linked = (real_out, real_src) != (os.path.abspath(out), os.path.abspath(src))
+        same = f" (resolved: {real_out} and {real_src})" if linked else ""
+        raise ModelCheckpointError(
+            f"{os.fspath(out)}: the output {how} the source {os.fspath(src)}{same}; writing it "
+            "would replace the files it is made from: choose an output folder that holds none "
+            "of them")
+
+
 @contextlib.contextmanager
-def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+def staged_dir(out: str | os.PathLike, overwrite: bool = False,
+               sources: Iterable[str | os.PathLike | None] = ()) -> Iterator[str]:
     """Yield a temporary sibling folder of `out`; on success it replaces `out`, on failure it is
     removed and whatever was at `out` stays untouched.
 
-    An existing non-empty `out` is refused unless `overwrite`.
+    An existing non-empty `out` is refused unless `overwrite`; so is an `out` that is or contains
+    one of `sources`, the folders being read (`check_not_source`).
     """
+    check_not_source(out, sources)
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out):
         if not os.path.isdir(out):
@@ -120,13 +154,27 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[str]
                                   "(overwrite=True) to replace it")
     parent, base = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+    tmp = _new_dir(parent, f".{base}.partial-")
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, out)
+
+
+def _new_dir(parent: str, prefix: str) -> str:
+    """A new empty folder `parent/prefix<random>`, made by `os.mkdir` so it gets the mode any new
+    folder gets (0o777 less the umask). `tempfile.mkdtemp` makes it 0o700, and renamed into place
+    that would leave the output unreadable to everyone else, whatever their umask."""
+    for _ in range(100):
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{parent}: no free name {prefix}* for a staging folder")
 
 
 def replace_dir(src: str, out: str) -> None:
@@ -262,7 +310,8 @@ def save_model_checkpoint(path: str | os.PathLike, cfg: MixtralConfig, params: d
     dtypes = {np.dtype(v.dtype).name for v in flat.values()}
     if len(dtypes) == 1:
         cfg = cfg.replace(param_dtype=dtypes.pop())
-    with staged_dir(path, overwrite) as tmp:
+    tokenizer_dir = None if tokenizer is None or hasattr(tokenizer, "save_pretrained") else tokenizer
+    with staged_dir(path, overwrite, sources=(tokenizer_dir,)) as tmp:
         write_config(tmp, cfg)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)

@@ -214,10 +214,11 @@ def parse_size(size: int | str) -> int:
     """Bytes from 5GB / 500MB / 2GiB / 1000 (decimal units as transformers uses them)."""
     if isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
+    # "I" only after a prefix: a bare "5IB" once matched and then failed the unit lookup
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]I?)?)B?\s*", size.upper())
     if not m:
         raise ValueError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB, 2GiB")
-    unit = m.group(2).rstrip("B") or ""
+    unit = m.group(2)
     base = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
     return int(float(m.group(1)) * base)

@@ -154,7 +154,7 @@ def hf_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype=None,
     with HFSource(hf_dir) as src:
         dtypes = src.leaf_dtypes(dtype)
         cfg = src.cfg.replace(param_dtype=dtype_name(dtypes["embed"]))
-        with mc.staged_dir(out, overwrite) as tmp:
+        with mc.staged_dir(out, overwrite, sources=(hf_dir,)) as tmp:
             mc.write_config(tmp, cfg)
             _copy_sidecars(hf_dir, tmp)
             src.progress = _Progress("hf-to-jax", src.total_bytes, len(src.tensors), progress)
@@ -170,15 +170,21 @@ def hf_to_jax(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype=None,
 
 
 def _generation_config(cfg: MixtralConfig) -> dict[str, Any]:
-    return {"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": cfg.eos_token_id}
+    """What transformers' `GenerationConfig.from_model_config` keeps of config.json: the special
+    token ids, the EOS list whole (generate stops at any of them), pad only when set."""
+    out = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
+           "eos_token_id": cfg.to_hf()["eos_token_id"]}
+    if cfg.pad_token_id is not None:
+        out["pad_token_id"] = cfg.pad_token_id
+    return out
 
 
 def write_hf(out: str | os.PathLike, cfg: MixtralConfig, leaf_dtypes: dict[str, Any],
              produce: Callable[[int | None, list[str]], dict[str, np.ndarray]], *,
              fused_experts: bool = False, max_shard_size: int | str = "5GB", dtype=None,
              tokenizer=None, sidecar_dirs: tuple[str, ...] = (), overwrite: bool = False,
-             progress: bool = False, part: tuple[int, int] | None = None) -> None:
+             progress: bool = False, part: tuple[int, int] | None = None,
+             sources: tuple[str, ...] = ()) -> None:
     """Write a HF folder from our params, pulled one group at a time with `produce(layer, names)`.
 
     tokenizer: a tokenizer object (`save_pretrained(dir)`) or a folder of tokenizer files.
@@ -188,7 +194,13 @@ def write_hf(out: str | os.PathLike, cfg: MixtralConfig, leaf_dtypes: dict[str, 
         existing folder `out` (no staging: the caller renames it when all n parts are done), and
         reads only the layers they hold; part 0 also writes the index, config, tokenizer and
         generation config. n writers (processes, machines) then share one export.
+    sources: folders `produce` reads from. `out` must not be or contain one of them, nor one of
+        `sidecar_dirs` or a `tokenizer` folder (`mc.check_not_source`); inside one is fine (the
+        trainer stages its parts in `output_dir/.hf.export-partial`, inside the output_dir they
+        are read from).
     """
+    tokenizer_dir = None if tokenizer is None or hasattr(tokenizer, "save_pretrained") else tokenizer
+    read_dirs = (*sources, *sidecar_dirs, tokenizer_dir)
     layout = "fused" if fused_experts else mapping.DEFAULT_LAYOUT
     dtype = parse_dtype(dtype)
     hf_dtypes = mapping.hf_dtypes(cfg, layout, {k: np.dtype(v) for k, v in leaf_dtypes.items()})
@@ -239,12 +251,13 @@ def write_hf(out: str | os.PathLike, cfg: MixtralConfig, leaf_dtypes: dict[str, 
                 fh.write("\n")
 
     if part is None:
-        with mc.staged_dir(out, overwrite) as tmp:
+        with mc.staged_dir(out, overwrite, sources=read_dirs) as tmp:
             fill(tmp, None, True)
         return
     i, n = part
     if not 0 <= i < n:
         raise ValueError(f"part {i}/{n}: need 0 <= i < n")
+    mc.check_not_source(out, read_dirs)
     folder = os.fspath(out)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: the folder the parts share must exist")
@@ -273,7 +286,8 @@ def jax_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, max_shard_size
                  lambda layer, keys: {k: reader.read(k, layer) for k in keys},
                  fused_experts=fused_experts, max_shard_size=max_shard_size, dtype=dtype,
                  tokenizer=tokenizer, sidecar_dirs=(reader.location.root,), overwrite=overwrite,
-                 progress=progress, part=part)
+                 progress=progress, part=part,
+                 sources=(reader.location.root, reader.location.params_dir))
     return reader.cfg
 
 
