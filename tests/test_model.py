@@ -137,6 +137,50 @@ def test_aux_loss_without_mask_matches_transformers(tmp_path):
     assert abs(float(stats.aux_loss) - float(ref)) / float(ref) <= 1e-4
 
 
+def test_pair_aux_loss_is_transformers_per_pair_mean(tmp_path):
+    """`nll_reduction: sequences` stands for TRL with one pair per device: each device's aux loss
+    is transformers' load-balancing loss of its own [chosen; rejected] rows (padded to the
+    pair's longer row), and the devices' gradients are averaged. It is a product of two token
+    means, so the batch's aux loss is not that mean (the router gradient was off by 1.3x of its
+    largest entry). Value and router-weight gradients against torch autograd."""
+    from zephyr_jax.model.mixtral import params_dict
+    from zephyr_jax.train_step import pair_aux_loss
+
+    hf_model, path = _save_hf(tmp_path, "top2of4")
+    model = zj.from_pretrained(path)
+    rng = np.random.default_rng(5)
+    B, T, V = 3, 12, hf_model.config.vocab_size
+    ids_2BT = rng.integers(0, V, size=(2 * B, T))
+    lengths = [12, 4, 7, 3, 9, 5]  # chosen rows 0..2, rejected rows 3..5
+    mask_2BT = (np.arange(T)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+
+    for p in hf_model.parameters():
+        p.grad = None
+    refs = []
+    for b in range(B):
+        width = max(lengths[b], lengths[B + b])  # TRL's collator: the pair's longer row
+        rows = [b, B + b]
+        aux = hf_model(torch.tensor(ids_2BT[rows, :width]),
+                       attention_mask=torch.tensor(mask_2BT[rows, :width]),
+                       output_router_logits=True).aux_loss
+        (aux / B).backward()
+        refs.append(float(aux))
+
+    def ours(params):
+        _, stats, _ = zj.model.model_from_params(model.config, params).backbone(
+            jnp.asarray(ids_2BT), jnp.asarray(mask_2BT))
+        return pair_aux_loss(stats), stats.aux_loss
+
+    (got, whole), grads = jax.value_and_grad(ours, has_aux=True)(params_dict(model))
+    assert abs(float(got) - np.mean(refs)) <= 1e-5 * abs(np.mean(refs))
+    assert abs(float(whole) - np.mean(refs)) > 1e-3 * abs(np.mean(refs))  # the batch's is not it
+    g_router = np.asarray(grads["layers"]["router"])  # [L, D, E]
+    for layer, block in enumerate(hf_model.model.layers):
+        want = block.mlp.gate.weight.grad.numpy().T  # [E, D] -> [D, E]
+        err = np.max(np.abs(g_router[layer] - want)) / np.max(np.abs(want))
+        assert err <= 1e-4, (layer, err)
+
+
 def _routing_case(seed=0, N=40, D=12, F=20, E=6, K=2):
     keys = jax.random.split(jax.random.key(seed), 5)
     x = jax.random.normal(keys[0], (N, D))

@@ -104,7 +104,13 @@ CASES = {
 
 
 def _trl_loss_metrics(chosen_logits, rejected_logits, batch, beta, dtype, aux_loss=None, aux_coef=0.0):
-    """TRL's `get_batch_loss_metrics` on fixed logits, computed in `dtype`."""
+    """TRL's `get_batch_loss_metrics` on fixed logits, computed in `dtype`, with the batch as TRL's
+    collator pads it: to its longest row (ours may be padded further, e.g. to `max_length`;
+    that must change no metric, `logits/*` included, which TRL takes over the padded width)."""
+    width = int(max(np.asarray(batch[f"{side}_attention_mask"]).sum(-1).max()
+                    for side in ("chosen", "rejected")))
+    batch = {k: np.asarray(v)[:, :width] for k, v in batch.items()}
+    chosen_logits, rejected_logits = (np.asarray(x)[:, :width] for x in (chosen_logits, rejected_logits))
     trainer = SimpleNamespace(
         beta=beta,
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x),
@@ -235,8 +241,9 @@ def test_nll_sequences_is_trl_with_one_pair_per_device():
         for b in range(len(prompt_lens))
     ]
     assert _rel(metrics["nll_loss"], np.mean([m["nll_loss"] for m in per_device])) <= RTOL
-    for k in ("rewards/chosen", "logps/rejected", "log_odds_ratio", "log_odds_chosen"):
-        assert _rel(metrics[k], np.mean([m[k] for m in per_device])) <= RTOL
+    for k in ("rewards/chosen", "logps/rejected", "log_odds_ratio", "log_odds_chosen",
+              "logits/chosen", "logits/rejected"):  # each pair padded to its own longer row
+        assert _rel(metrics[k], np.mean([m[k] for m in per_device])) <= RTOL, k
 
 
 def test_concat_pairs_matches_trl_concatenated_inputs():

@@ -263,8 +263,7 @@ class _Stats(NamedTuple):
     n_label_2B: jax.Array  # label-token counts
     nll_sum_B: jax.Array  # summed NLL over attended chosen tokens
     n_nll_B: jax.Array
-    logit_sum_2: jax.Array  # (chosen, rejected) sum of logits over positions [:-1] and the vocab
-    n_logit_2: jax.Array  # entries in each of those sums: rows in use * (T - 1) * V
+    logits_mean_2: jax.Array  # (chosen, rejected) TRL's mean logit (`_logits_means`)
 
 
 def orpo_loss(
@@ -304,13 +303,12 @@ def orpo_loss(
     rejected_logps_1BT = token_logps(
         rejected_logits_BTV, next_token_targets(batch["rejected_labels"])[None]
     )
-    in_use_2B = jnp.concatenate([_rows_in_use(batch["chosen_attention_mask"]),
-                                 _rows_in_use(batch["rejected_attention_mask"])])
-    logit_sum_2B = jnp.concatenate([
-        jnp.sum(jax.lax.stop_gradient(x[:, :-1]).astype(jnp.float32), axis=(1, 2))
+    logit_sum_2BT = jnp.concatenate([
+        jnp.sum(jax.lax.stop_gradient(x[:, :-1]).astype(jnp.float32), axis=-1)
         for x in (chosen_logits_BTV, rejected_logits_BTV)
     ])
-    logit_sum_2, n_logit_2 = _logit_sums(logit_sum_2B, in_use_2B, B, (T - 1) * V)
+    mask_2BT = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    logits_mean_2 = _logits_means(logit_sum_2BT, mask_2BT, B, V, nll_reduction)
     stats = _Stats(
         logp_sum_2B=jnp.concatenate([chosen_logps_KBT[0], rejected_logps_1BT[0]]).sum(-1),
         n_label_2B=_count_targets(
@@ -318,8 +316,7 @@ def orpo_loss(
         ),
         nll_sum_B=-chosen_logps_KBT[1].sum(-1),
         n_nll_B=_count_targets(chosen_targets_KBT[1]),
-        logit_sum_2=logit_sum_2,
-        n_logit_2=n_logit_2,
+        logits_mean_2=logits_mean_2,
     )
     return _reduce(stats, beta, aux_loss, router_aux_loss_coef, nll_reduction)
 
@@ -355,33 +352,46 @@ def orpo_loss_from_hidden(
     logps_K2BT, logit_sum_2BT = token_logps_from_hidden(
         hidden_BTD, head_DV, jnp.stack([label_targets_2BT, nll_targets_2BT]), chunk_size=chunk_size
     )
-    logit_sum_2, n_logit_2 = _logit_sums(logit_sum_2BT[:, :-1].sum(-1), _rows_in_use(attention_mask_2BT),
-                                         B, (T - 1) * head_DV.shape[1])
+    logits_mean_2 = _logits_means(logit_sum_2BT[:, :-1], attention_mask_2BT, B, head_DV.shape[1],
+                                  nll_reduction)
     stats = _Stats(
         logp_sum_2B=logps_K2BT[0].sum(-1),
         n_label_2B=_count_targets(label_targets_2BT),
         nll_sum_B=-logps_K2BT[1, :B].sum(-1),
         n_nll_B=_count_targets(nll_targets_2BT[:B]),
-        logit_sum_2=logit_sum_2,
-        n_logit_2=n_logit_2,
+        logits_mean_2=logits_mean_2,
     )
     return _reduce(stats, beta, aux_loss, router_aux_loss_coef, nll_reduction)
 
 
-def _rows_in_use(attention_mask_BT: jax.Array) -> jax.Array:
-    """Rows with an attended token. A row with none is filler (the evaluator pads its last batch
-    with such pairs, which have no labels either) and counts in no metric."""
-    return jnp.any(attention_mask_BT.astype(bool), axis=-1)
+def _logits_means(logit_sum_2BT: jax.Array, attention_mask_2BT: jax.Array, B: int, V: int,
+                  nll_reduction: str) -> jax.Array:
+    """TRL's `logits/chosen`, `logits/rejected` [2]: the mean logit over every position but the
+    last of each row, padding included, where TRL's collator pads a device batch to its longest
+    row. `logit_sum_2BT` [2B, T-1] holds each position's sum over the vocab.
 
-
-def _logit_sums(logit_sum_2B, in_use_2B, B: int, per_row: int):
-    """(chosen, rejected) sums of logits over rows in use, and their entry counts: TRL's mean
-    logit is over every position but the last of every row, padding included. `where`, not a
-    product, so a filler row's values (which nothing else reads) cannot reach the sum."""
-    masked_2B = jnp.where(in_use_2B, logit_sum_2B, 0.0)
-    n_2B = in_use_2B.astype(jnp.float32) * per_row
-    return (jnp.stack([masked_2B[:B].sum(), masked_2B[B:].sum()]),
-            jnp.stack([n_2B[:B].sum(), n_2B[B:].sum()]))
+    "tokens" (the batch is one device batch): rows count to the batch's longest row. "sequences"
+    (one pair per device): each pair's rows count to the pair's longer one, and the pairs' means
+    are averaged (TRL gathers the devices' means). Padding to a fixed `max_length`, as the trainer
+    does, thus changes nothing. A row with no attended token is filler (the evaluator pads its
+    last batch with such pairs) and counts nowhere; `where`, not a product, keeps its values out.
+    """
+    T1 = logit_sum_2BT.shape[1]
+    len_2B = jnp.sum(attention_mask_2BT.astype(jnp.int32), axis=-1)  # right-padded: the length
+    if nll_reduction == "tokens":
+        width_2B = jnp.broadcast_to(jnp.max(len_2B), len_2B.shape)
+    else:
+        pair_B = jnp.maximum(len_2B[:B], len_2B[B:])
+        width_2B = jnp.concatenate([pair_B, pair_B])
+    keep_2BT = ((jnp.arange(T1)[None, :] < (width_2B - 1)[:, None])
+                & (len_2B > 0)[:, None])
+    sum_2B = jnp.sum(jnp.where(keep_2BT, logit_sum_2BT, 0.0), axis=-1)
+    n_2B = jnp.sum(keep_2BT, axis=-1).astype(jnp.float32) * V
+    sum_2, n_2 = jnp.stack([sum_2B[:B], sum_2B[B:]]), jnp.stack([n_2B[:B], n_2B[B:]])
+    if nll_reduction == "tokens":
+        return _safe_div(sum_2.sum(-1), n_2.sum(-1))
+    counted_2 = (n_2 > 0).astype(jnp.float32)
+    return _safe_div(jnp.sum(_safe_div(sum_2, n_2) * counted_2, -1), counted_2.sum(-1))
 
 
 def _count_targets(targets_BT: jax.Array) -> jax.Array:
@@ -426,7 +436,6 @@ def _reduce(
 
     chosen_B, rejected_B = jax.lax.stop_gradient(chosen_B), jax.lax.stop_gradient(rejected_B)
     chosen_rewards_B, rejected_rewards_B = beta * chosen_B, beta * rejected_B
-    logits_mean_2 = _safe_div(s.logit_sum_2, s.n_logit_2)
     metrics = {
         "rewards/chosen": pair_mean(chosen_rewards_B),
         "rewards/rejected": pair_mean(rejected_rewards_B),
@@ -434,8 +443,8 @@ def _reduce(
         "rewards/margins": pair_mean(chosen_rewards_B - rejected_rewards_B),
         "logps/chosen": pair_mean(chosen_B),
         "logps/rejected": pair_mean(rejected_B),
-        "logits/chosen": logits_mean_2[0],
-        "logits/rejected": logits_mean_2[1],
+        "logits/chosen": s.logits_mean_2[0],
+        "logits/rejected": s.logits_mean_2[1],
         "nll_loss": jax.lax.stop_gradient(nll),
         "log_odds_ratio": jax.lax.stop_gradient(pair_mean(ratio_B)),
         "log_odds_chosen": jax.lax.stop_gradient(pair_mean(log_odds_B)),

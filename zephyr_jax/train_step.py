@@ -14,7 +14,7 @@ import optax
 from flax import struct
 
 from zephyr_jax.config import MixtralConfig
-from zephyr_jax.model import model_from_params
+from zephyr_jax.model import RouterStats, group_aux_loss, model_from_params
 from zephyr_jax.optim import global_norm
 from zephyr_jax.orpo import concat_pairs, orpo_loss_from_hidden
 
@@ -36,20 +36,35 @@ def loss_and_metrics(params: dict, batch: dict, model_cfg: MixtralConfig, beta: 
     model = model_from_params(model_cfg, params)
     ids_2BT, mask_2BT, _ = concat_pairs(batch)
     hidden_2BTD, stats, _ = model.backbone(ids_2BT, mask_2BT)
-    aux = stats.aux_loss if model_cfg.output_router_logits else None
+    # the aux loss on the batch TRL would see: the whole batch, or each pair alone ("sequences")
+    aux_loss = stats.aux_loss if nll_reduction == "tokens" else pair_aux_loss(stats)
+    aux = aux_loss if model_cfg.output_router_logits else None
     loss, metrics = orpo_loss_from_hidden(
         hidden_2BTD, model.head_DV(), batch, beta, aux_loss=aux,
         router_aux_loss_coef=model_cfg.router_aux_loss_coef, chunk_size=chunk_size,
         nll_reduction=nll_reduction)
     counts_LE = stats.expert_counts_LE
     router = {
-        "router/aux_loss": stats.aux_loss,
+        "router/aux_loss": aux_loss,
         "router/expert_share": counts_LE / jnp.maximum(jnp.sum(counts_LE, -1, keepdims=True), 1.0),
         "router/entropy": stats.entropy_L,
         "router/dropped": stats.dropped.astype(jnp.float32),
         "num_tokens": jnp.sum(mask_2BT).astype(jnp.float32),
     }
     return loss, {**metrics, **router}
+
+
+def pair_aux_loss(stats: RouterStats) -> jax.Array:
+    """The router aux loss as TRL gets it with one preference pair per device (`nll_reduction:
+    sequences`): HF's load-balancing loss of each pair's [chosen; rejected] rows alone, averaged
+    over the pairs (it is a product of two token means, so the whole batch's is not that mean).
+    Pairs without tokens (the evaluator's filler) are left out."""
+    B = stats.valid_B.shape[0] // 2
+    pairs_BB2 = jnp.eye(B, dtype=jnp.float32)
+    groups_B2B = jnp.concatenate([pairs_BB2, pairs_BB2], axis=1)  # pair p: rows p and B + p
+    aux_B = group_aux_loss(stats, groups_B2B)
+    has_B = (groups_B2B @ stats.valid_B) > 0
+    return jnp.sum(jnp.where(has_B, aux_B, 0.0)) / jnp.maximum(jnp.sum(has_B), 1)
 
 
 def make_train_step(model_cfg: MixtralConfig, tx: optax.GradientTransformation,

@@ -4,9 +4,11 @@ from zephyr_jax.model.mixtral import (
     KVCache,
     Mixtral,
     RouterStats,
+    group_aux_loss,
     init_kv_cache,
     model_from_params,
     params_dict,
 )
 
-__all__ = ["KVCache", "Mixtral", "RouterStats", "init_kv_cache", "model_from_params", "params_dict"]
+__all__ = ["KVCache", "Mixtral", "RouterStats", "group_aux_loss", "init_kv_cache", "model_from_params",
+           "params_dict"]

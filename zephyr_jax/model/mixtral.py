@@ -66,6 +66,22 @@ class RouterStats:
     expert_counts_LE: jax.Array
     entropy_L: jax.Array
     dropped: jax.Array
+    # per row, summed over layers: what `aux_loss` is made of, for the aux loss of a group of
+    # rows alone (`group_aux_loss`: TRL with one preference pair per device)
+    counts_BE: jax.Array
+    prob_sum_BE: jax.Array
+    valid_B: jax.Array
+
+
+def group_aux_loss(stats: RouterStats, groups_GB: jax.Array) -> jax.Array:
+    """HF `load_balancing_loss_func` of each group of rows alone: `groups_GB[g, b]` is 1 where row
+    b is in group g. [G]; a group without non-pad tokens gets 0."""
+    L, E = stats.expert_counts_LE.shape
+    n_G = groups_GB @ stats.valid_B
+    denom_G1 = jnp.maximum(L * n_G, 1.0)[:, None]
+    tokens_per_expert_GE = (groups_GB @ stats.counts_BE) / denom_G1
+    prob_per_expert_GE = (groups_GB @ stats.prob_sum_BE) / denom_G1
+    return jnp.sum(tokens_per_expert_GE * prob_per_expert_GE, -1) * E
 
 
 class KVCache(NamedTuple):
@@ -178,9 +194,11 @@ def _decoder_layer(cfg: MixtralConfig, p: dict, x_BTD, cos_BTH, sin_BTH, mask_BT
     # attended token at all (the evaluator's filler pairs) may come out of some attention kernels
     # as NaN, and NaN * 0 is NaN
     probs_NE = jnp.where(token_valid_N[:, None], probs_NE, 0.0)
+    valid_BT = valid_N.reshape(B, T)
     stats = {
-        "counts_E": jnp.einsum("nke,n->e", jax.nn.one_hot(expert_NK, E, dtype=jnp.float32), valid_N),
-        "prob_sum_E": jnp.einsum("ne,n->e", probs_NE, valid_N),
+        "counts_BE": jnp.einsum("btke,bt->be", jax.nn.one_hot(expert_NK, E, dtype=jnp.float32)
+                                .reshape(B, T, -1, E), valid_BT),
+        "prob_sum_BE": jnp.einsum("bte,bt->be", probs_NE.reshape(B, T, E), valid_BT),
         "entropy_sum": jnp.sum(-jnp.sum(probs_NE * jnp.log(jnp.maximum(probs_NE, 1e-30)), -1) * valid_N),
         "dropped": dropped,
     }
@@ -357,14 +375,19 @@ class Mixtral(nnx.Module):
         return h_BTD, self._router_stats(stats, token_valid_N), new_cache
 
     def _router_stats(self, stats, token_valid_N) -> RouterStats:
-        L, E = stats["counts_E"].shape
+        counts_LE = jnp.sum(stats["counts_BE"], 1)
+        L, E = counts_LE.shape
         n_valid = jnp.maximum(jnp.sum(token_valid_N.astype(jnp.float32)), 1.0)
-        tokens_per_expert_E = jnp.sum(stats["counts_E"], 0) / (L * n_valid)
-        prob_per_expert_E = jnp.sum(stats["prob_sum_E"], 0) / (L * n_valid)
+        tokens_per_expert_E = jnp.sum(counts_LE, 0) / (L * n_valid)
+        prob_per_expert_E = jnp.sum(stats["prob_sum_BE"], (0, 1)) / (L * n_valid)
         aux = jnp.sum(tokens_per_expert_E * prob_per_expert_E) * E
-        return RouterStats(aux_loss=aux, expert_counts_LE=stats["counts_E"],
+        B = stats["counts_BE"].shape[1]
+        return RouterStats(aux_loss=aux, expert_counts_LE=counts_LE,
                            entropy_L=stats["entropy_sum"] / n_valid,
-                           dropped=jnp.sum(stats["dropped"]))
+                           dropped=jnp.sum(stats["dropped"]),
+                           counts_BE=jnp.sum(stats["counts_BE"], 0),
+                           prob_sum_BE=jnp.sum(stats["prob_sum_BE"], 0),
+                           valid_B=jnp.sum(token_valid_N.reshape(B, -1).astype(jnp.float32), -1))
 
     def __call__(self, input_ids_BT, attention_mask_BT=None, positions_BT=None, *, return_stats=False):
         h_BTD, stats, _ = self.backbone(input_ids_BT, attention_mask_BT, positions_BT)
