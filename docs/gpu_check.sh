@@ -15,7 +15,7 @@
 #    the others' results. STEPS=step,unrolled (names from the list below) runs only those, e.g. to
 #    rerun one that failed without spending the session's minutes on the rest; a name that is not
 #    a step is refused before anything runs. Smoke test of the script on a CPU (tiny model, ~2 min):
-#        CONFIG=tiny BENCH_ARGS="--batch-pairs 1 --seq-len 32 --steps 2 --warmup 1" \
+#        PLATFORM=cpu CONFIG=tiny BENCH_ARGS="--batch-pairs 1 --seq-len 32 --steps 2 --warmup 1" \
 #            STEP_IMPLS=scan,dense UNROLLED_IMPLS=scan ATTENTION=xla bash docs/gpu_check.sh run
 #
 # What it measures (bench model: configs/model/bench.yaml, 4 pairs x 2048 tokens, bf16):
@@ -128,11 +128,14 @@ step() {
   fi
   local limit=$((left < cap ? left : cap))
   # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
-  set -- --config "${CONFIG:-bench}" "$@" ${BENCH_ARGS:-}
+  # PLATFORM: the bench stops at once if jax is not on it (the CPU smoke test sets cpu)
+  set -- --config "${CONFIG:-bench}" --require-platform "${PLATFORM:-gpu}" "$@" ${BENCH_ARGS:-}
   echo "== $name (at ${SECONDS}s, limit ${limit}s): python3 -m zephyr_jax.bench $*" \
     | tee -a "$OUT/gpu_check.log"
+  # the bench prints a JSON line of what it has measured after each variant / GEMM case (marked
+  # "partial") and the whole result last: the last JSON line survives a step its cap kills
   timeout "$limit" python3 -m zephyr_jax.bench "$@" 2>&1 | tee -a "$OUT/gpu_check.log" \
-    | tail -n 1 > "$OUT/$name.json"
+    | { grep '^{' || true; } | tail -n 1 > "$OUT/$name.json"
   echo "== $name: exit ${PIPESTATUS[0]} at ${SECONDS}s" | tee -a "$OUT/gpu_check.log"
 }
 

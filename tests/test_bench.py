@@ -46,9 +46,16 @@ def test_gpu_gemm_cases_build_and_agree_with_ragged_dot_here():
 def test_cli_gemm_only_and_skip_select_cases_by_name_prefix(capsys):
     assert bench.main(["--config", "tiny", "--gemm", "--batch-pairs", "1", "--seq-len", "32",
                        "--gemm-only", "dense_matmul,scan_gmm", "--gemm-skip", "scan_gmm_skewed"]) == 0
-    rows = _last_json(capsys.readouterr().out)["gemm"]
+    out = capsys.readouterr().out
+    rows = _last_json(out)["gemm"]
     assert [r["op"] for r in rows] == ["dense_matmul_same_flops", "scan_gmm[bm=128]",
                                        "scan_gmm[bm=256]", "scan_gmm_quarter_routed"]
+    # a partial result after every case but the last, so a run killed by its time cap keeps them
+    partial = [json.loads(line) for line in out.splitlines() if line.startswith("{")][:-1]
+    assert [[r["op"] for r in p["gemm"]] for p in partial] == [
+        [r["op"] for r in rows[:k]] for k in range(1, len(rows))]
+    assert all(p["partial"] and p["gemm_planned"] == len(rows) for p in partial)
+    assert "partial" not in _last_json(out)
     with pytest.raises(SystemExit, match=r"no grouped-GEMM case left.*scan_gmm\[bm=128\]"):
         bench.main(["--config", "tiny", "--gemm", "--gemm-only", "scna_gmm"])
 
@@ -142,7 +149,13 @@ def test_a_failing_implementation_is_reported_and_the_others_still_run(capsys):
     on, and the exit code says something failed."""
     rc = bench.main(["--config", "tiny", "--steps", "1", "--warmup", "0", "--batch-pairs", "1",
                      "--seq-len", "16", "--moe-impl", "tokamax,scan"])
-    result = _last_json(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    result = _last_json(out)
+    # the first variant's result was printed before the second ran (a time cap keeps it)
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == 2 and lines[0]["partial"] and "partial" not in lines[1]
+    assert [v["moe_impl"] for v in lines[0]["variants"]] == ["tokamax"]
+    assert lines[0]["variants_planned"] == 2
     variants = {v["moe_impl"]: v for v in result["variants"]}
     if bench.dispatch.tokamax_available():
         pytest.skip("tokamax is installed here")
@@ -150,6 +163,32 @@ def test_a_failing_implementation_is_reported_and_the_others_still_run(capsys):
     assert "tokamax" in variants["tokamax"]["error"] and "tokens_per_s" not in variants["tokamax"]
     assert variants["scan"]["tokens_per_s"] > 0
     assert result["tokens_per_s"] is None  # the first listed is the headline, and it failed
+
+
+def test_the_memory_fraction_is_set_under_one_name_only(monkeypatch):
+    """Both names set made jaxlib's CUDA plugin options raise, which jax's plugin loader only
+    logs: on the GPU machine the bench's step then ran on the CPU. The same jaxlib function
+    builds the options here (it reads only the environment)."""
+    from jax._src.lib import xla_client
+
+    for name in bench.MEM_FRACTION_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(bench.MEM_FRACTION_NAMES[1], "0.5")  # the control: both names
+    monkeypatch.setenv(bench.MEM_FRACTION_NAMES[0], "0.5")
+    with pytest.raises(ValueError, match="specified together"):
+        xla_client.generate_pjrt_gpu_plugin_options()
+    for name in bench.MEM_FRACTION_NAMES:
+        monkeypatch.delenv(name)
+    bench.set_mem_fraction(os.environ)
+    assert [n for n in bench.MEM_FRACTION_NAMES if n in os.environ] == ["XLA_CLIENT_MEM_FRACTION"]
+    assert xla_client.generate_pjrt_gpu_plugin_options()["memory_fraction"] == bench.BENCH_MEM_FRACTION
+    for user in bench.MEM_FRACTION_NAMES:  # a user's setting, under either name, is left alone
+        for name in bench.MEM_FRACTION_NAMES:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(user, "0.7")
+        bench.set_mem_fraction(os.environ)
+        assert [n for n in bench.MEM_FRACTION_NAMES if n in os.environ] == [user]
+        assert xla_client.generate_pjrt_gpu_plugin_options()["memory_fraction"] == 0.7
 
 
 def test_unknown_moe_impl_in_the_list_is_a_usage_error(capsys):

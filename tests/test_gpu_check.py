@@ -20,7 +20,8 @@ STEP_NAMES = ("gemm", "step", "unrolled", "attention", "tokamax_tiles", "remat",
 
 
 def _run_gpu_check(out: Path, **extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OUT": str(out), "CONFIG": "tiny", "STEP_IMPLS": "auto,dense",
+    env = {**os.environ, "OUT": str(out), "PLATFORM": "cpu", "CONFIG": "tiny",
+           "STEP_IMPLS": "auto,dense",
            "UNROLLED_IMPLS": "auto",
            "ATTENTION": "xla", "BENCH_ARGS": "--batch-pairs 1 --seq-len 16 --steps 1 --warmup 0",
            **extra}
@@ -68,6 +69,16 @@ def test_gpu_check_refuses_steps_naming_no_step(tmp_path, steps, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "steps: gemm step unrolled" in proc.stderr, proc.stderr
     assert not (tmp_path / "gpu_check.log").exists()  # refused before running anything
+
+
+def test_a_step_not_on_the_gpu_stops_at_once(tmp_path):
+    """On the GPU machine a jax that fell back to the CPU (its CUDA plugin failed to start) used
+    to time the bench model on the host until the step's cap: now the bench stops at once."""
+    proc = _run_gpu_check(tmp_path, STEPS="step", PLATFORM="gpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # the script goes on
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "bench --require-platform gpu: jax runs on cpu" in log, log[-3000:]
+    assert "== step: exit 1" in log and "[bench] reference" not in log, log[-3000:]
 
 
 @pytest.mark.slow
@@ -140,6 +151,9 @@ def _check_step(tmp_path: Path) -> dict:
     assert (step["batch_pairs"], step["seq_len"], step["tokens_per_step"]) == (1, 16, 32)
     assert all(step[k] for k in ("jax", "jaxlib", "torch", "transformers", "device"))
     assert step["peak_memory_bytes"] > 0 and step["reference_peak_memory_bytes"] > 0
+    # what the ratio is against: on a CPU the reference runs eager by design, not as a fallback
+    assert (step["reference_compiled"], step["reference_fallback"]) == (False, False)
+    assert "partial" not in step  # the whole result, not a partial line
     # every implementation listed is timed against the one reference
     assert [v["moe_impl"] for v in step["variants"]] == ["auto", "dense"]
     for v in step["variants"]:

@@ -292,7 +292,7 @@ SCAN_TILE_CANDIDATES_ACCEL = (256, 512, 1024)
 
 def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: str, *,
                        repeats: int = 10, only: list[str] | None = None,
-                       skip: list[str] | None = None) -> list[dict]:
+                       skip: list[str] | None = None, emit=None) -> list[dict]:
     """The expert layer's up-projection (rows routed to experts, hidden -> intermediate) through
     every grouped GEMM this platform can run, forward and backward (dx, dw), against a dense matmul
     of the same FLOPs and the equal-capacity batched einsum `[E, C, d] x [E, d, f]`: PERF.md's table
@@ -374,10 +374,15 @@ def bench_grouped_gemm(cfg: MixtralConfig, pairs: int, seq_len: int, platform: s
         raise ValueError(f"no grouped-GEMM case left by --gemm-only {only} / --gemm-skip {skip}; "
                          f"the cases on {platform}: {', '.join(names)}")
     base = {"rows": M, "d": d, "f": f, "experts": E, "dtype": cfg.dtype}
-    return [{"op": name, **base, **({"useful_fraction": useful[name]} if name in useful else {}),
-             **_time_case(fn, x, w, dy, flops * useful.get(name, 1.0), with_bwd, repeats, sizes,
-                          name in split)}
-            for name, fn, with_bwd, sizes in cases]
+    rows = []
+    for name, fn, with_bwd, sizes in cases:
+        rows.append({"op": name, **base,
+                     **({"useful_fraction": useful[name]} if name in useful else {}),
+                     **_time_case(fn, x, w, dy, flops * useful.get(name, 1.0), with_bwd, repeats,
+                                  sizes, name in split)})
+        if emit is not None:  # `emit(rows so far, cases)` after each case
+            emit(list(rows), len(cases))
+    return rows
 
 
 def _tile_name(t: dict) -> str:
@@ -490,6 +495,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "sequence length: one chunk, whose logits are kept for the backward pass "
                    "instead of recomputed")
     p.add_argument("--peak-tflops", type=float, default=None, help="declare the MFU peak")
+    p.add_argument("--require-platform", default=None, metavar="PLATFORM",
+                   help="stop at once unless jax runs on this platform (gpu, tpu, cpu): a GPU "
+                        "session must not time the bench model on the host CPU")
     p.add_argument("--experts-impl", default="auto", help="reference: grouped_mm | eager | auto")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="reference: torch.compile (auto: on CUDA only, eager if it fails)")
@@ -520,11 +528,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: MixtralConfig,
-                 pairs: int, seq: int) -> dict:
+                 pairs: int, seq: int, emit=None) -> dict:
     """Our step for each (moe_impl, attention_impl, remat, scan_layers) combination of the lists (and, with
     `--reference hf`, the reference first, once): the result JSON's fields. The top-level numbers
     are the first combination's; `variants` holds one entry per combination (a failing one
-    records its error and the rest still run)."""
+    records its error and the rest still run). `emit(result so far)` runs after the reference
+    and after each variant."""
     batch = make_batch(cfg.vocab_size, pairs, seq)
     tokens = 2 * pairs * seq
     combos = [(m, att, r, sc) for m in (a.moe_impls or [cfg.moe_impl])
@@ -554,28 +563,40 @@ def measure_step(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
         f"params + 6 x layers x seq x hidden); peak {peak / 1e12:.4g} TFLOP/s [{peak_source}]")
     # logged before our variants run, so a run cut short still has the reference in its log
     ref_fields = {} if ref is None else _compare(ref, tokens, fpt, peak)
-    variants = [_measure_variant(a, device, cfg, dict(moe_impl=m, attention_impl=att, remat=r,
-                                                      scan_layers=sc),
-                                 batch, tokens, fpt, peak) for m, att, r, sc in combos]
-    if ref is not None:
-        for v in variants:
-            if v.get("tokens_per_s"):
-                v["ratio"] = v["tokens_per_s"] / ref_fields["reference_tokens_per_s"]
-                log(f"ratio ours ({v['moe_impl']}, {v['attention_impl']}, remat {v['remat']}, "
-                    f"layers {_layers_word(v['scan_layers'])}) / "
-                    f"reference tokens/s = {v['ratio']:.3f}")
-    first = variants[0]
-    result = {"tokens_per_s": first.get("tokens_per_s"), "mfu": first.get("mfu"),
-              "reference_tokens_per_s": ref_fields.get("reference_tokens_per_s"),
-              "ratio": first.get("ratio"), "device": f"{device.platform}:{device.device_kind}",
-              **versions(), "config": name, "batch_pairs": pairs, "seq_len": seq,
-              "tokens_per_step": tokens, **{k: v for k, v in first.items() if k != "ratio"},
-              "dtype": cfg.dtype, "remat": cfg.remat, "loss_chunk_size": a.loss_chunk_size,
-              "steps": a.steps, "warmup": a.warmup, "flops_per_token": fpt, "peak_flops": peak,
-              "peak_source": peak_source, **ref_fields, "variants": variants}
-    if ref_error is not None:
-        result["reference_error"] = ref_error
-    return result
+    variants = []
+
+    def result() -> dict:
+        first = variants[0] if variants else {}
+        out = {"tokens_per_s": first.get("tokens_per_s"), "mfu": first.get("mfu"),
+               "reference_tokens_per_s": ref_fields.get("reference_tokens_per_s"),
+               "ratio": first.get("ratio"), "device": f"{device.platform}:{device.device_kind}",
+               **versions(), "config": name, "batch_pairs": pairs, "seq_len": seq,
+               "tokens_per_step": tokens, **{k: v for k, v in first.items() if k != "ratio"},
+               "dtype": cfg.dtype, "remat": cfg.remat, "loss_chunk_size": a.loss_chunk_size,
+               "steps": a.steps, "warmup": a.warmup, "flops_per_token": fpt, "peak_flops": peak,
+               "peak_source": peak_source, **ref_fields, "variants": list(variants),
+               "variants_planned": len(combos)}
+        if ref_error is not None:
+            out["reference_error"] = ref_error
+        return out
+
+    if emit is not None and ref is not None:
+        emit(result())
+    for m, att, r, sc in combos:
+        v = _measure_variant(a, device, cfg, dict(moe_impl=m, attention_impl=att, remat=r,
+                                                  scan_layers=sc), batch, tokens, fpt, peak)
+        if ref is not None and v.get("tokens_per_s"):
+            v["ratio"] = v["tokens_per_s"] / ref_fields["reference_tokens_per_s"]
+            log(f"ratio ours ({v['moe_impl']}, {v['attention_impl']}, remat {v['remat']}, "
+                f"layers {_layers_word(v['scan_layers'])}) / "
+                f"reference tokens/s = {v['ratio']:.3f}"
+                + ("" if ref_fields["reference_compiled"] or device.platform != "gpu" else
+                   f" (against the reference's fallback {ref_fields['reference_impl']}, not "
+                   "torch.compile)"))
+        variants.append(v)
+        if emit is not None and len(variants) < len(combos):
+            emit(result())
+    return result()
 
 
 def _layers_word(value):
@@ -636,18 +657,26 @@ def _compare(ref: dict, tokens: int, fpt: float, peak: float) -> dict:
             "reference_peak_memory_bytes": ref["peak_memory_bytes"],
             "reference_peak_memory_label": ref["peak_memory_label"],
             "reference_loss_step0": ref["loss_step0"], "reference_errors": ref["errors"],
+            # on a GPU the reference is grouped_mm + torch.compile unless that failed: a ratio
+            # against the eager fallback would read ~1.33x better (PERF.md's two anchors)
+            "reference_compiled": ref["impl"].endswith("+compile"),
+            "reference_fallback": bool(ref["errors"]),
             "reference_torch_threads": ref["torch_threads"]}
 
 
 def measure_gemm(a: argparse.Namespace, device: jax.Device, name: str, cfg: MixtralConfig,
-                 pairs: int, seq: int) -> dict:
+                 pairs: int, seq: int, emit=None) -> dict:
+    """Every grouped-GEMM case, each logged as it is measured; `emit(result so far)` after each
+    case but the last."""
     only = a.gemm_only.split(",") if a.gemm_only else None
     skip = a.gemm_skip.split(",") if a.gemm_skip else None
-    try:
-        rows = bench_grouped_gemm(cfg, pairs, seq, device.platform, only=only, skip=skip)
-    except ValueError as e:
-        raise SystemExit(f"bench --gemm: {e}") from None
-    for r in rows:
+
+    def result(rows):
+        return {"device": f"{device.platform}:{device.device_kind}", "config": name,
+                "gemm": rows, **versions()}
+
+    def done(rows, total):
+        r = rows[-1]
         bwd = f", backward {r['bwd_tflops']:.3f} TFLOP/s" if "bwd_tflops" in r else ""
         if "dx_tflops" in r:
             bwd += f" (dx {r['dx_tflops']:.3f}, dw {r['dw_tflops']:.3f})"
@@ -655,8 +684,34 @@ def measure_gemm(a: argparse.Namespace, device: jax.Device, name: str, cfg: Mixt
         errs = f" (vs ragged_dot: {errs})" if errs else ""
         log(f"{r['op']}: " + (r["error"] if "error" in r else
                               f"forward {r['fwd_tflops']:.3f} TFLOP/s{bwd}{errs}"))
-    return {"device": f"{device.platform}:{device.device_kind}", "config": name, "gemm": rows,
-            **versions()}
+        if emit is not None and len(rows) < total:
+            emit({**result(rows), "gemm_planned": total})
+
+    try:
+        rows = bench_grouped_gemm(cfg, pairs, seq, device.platform, only=only, skip=skip,
+                                  emit=done)
+    except ValueError as e:
+        raise SystemExit(f"bench --gemm: {e}") from None
+    return result(rows)
+
+
+MEM_FRACTION_NAMES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")  # new, old
+
+
+def set_mem_fraction(environ) -> None:
+    """`BENCH_MEM_FRACTION` under the current name only, unless the user set either name.
+
+    Never both: jaxlib's CUDA plugin options (`xla_client.generate_pjrt_gpu_plugin_options`, jax
+    0.10 and 0.11) raise when both are set, jax's plugin loader only logs that, and jax then runs
+    on the host CPU: the bench would have timed our step on the GPU machine's CPU."""
+    if not any(n in environ for n in MEM_FRACTION_NAMES):
+        environ[MEM_FRACTION_NAMES[0]] = str(BENCH_MEM_FRACTION)
+
+
+def _print_partial(result: dict) -> None:
+    """What is measured so far, as a JSON line, so a run its time cap kills still leaves every
+    finished measurement (`docs/gpu_check.sh` keeps the last JSON line)."""
+    print(json.dumps({**result, "partial": True}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -666,11 +721,12 @@ def main(argv: list[str] | None = None) -> int:
         # the child has exited before our variants allocate: let them use 90% of the device
         # rather than jax's default 75% limit (which holds without preallocation too), the
         # margin `python -m zephyr_jax.gpu_aot` showed the bench's dense step needs on an H200
-        names = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")  # new, old name
-        if not any(n in os.environ for n in names):  # a user's setting, under either name, wins
-            for n in names:
-                os.environ[n] = str(BENCH_MEM_FRACTION)
+        set_mem_fraction(os.environ)
     device = jax.devices()[0]
+    if a.require_platform and device.platform != a.require_platform:
+        raise SystemExit(f"bench --require-platform {a.require_platform}: jax runs on "
+                         f"{device.platform} ({device.device_kind}); its {a.require_platform} "
+                         "backend did not start (see jax's log above)")
     # each variant's moe_impl is set per variant (`measure_step`): a combination the config
     # rejects (tokamax with float32) is then that variant's error, not the run's
     name, cfg = cli_config("bench", a.config, device.platform, None, a.dtype,
@@ -678,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
                            remat=(a.remats or [None])[0])
     pairs = a.batch_pairs or default_shape(name)[0]
     seq = a.seq_len or default_shape(name)[1]
-    result = (measure_gemm if a.gemm else measure_step)(a, device, name, cfg, pairs, seq)
+    result = (measure_gemm if a.gemm else measure_step)(a, device, name, cfg, pairs, seq,
+                                                        emit=_print_partial)
     print(json.dumps(result), flush=True)
     failed = "reference_error" in result or any("error" in v for v in result.get("variants", []))
     return 1 if failed else 0
