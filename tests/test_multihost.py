@@ -115,6 +115,52 @@ def test_two_processes_train_like_one(tmp_path):
     assert "[train] exported" not in open(logs[2]).read()
 
 
+@pytest.mark.slow  # ~60 s: three more training processes
+def test_hosts_the_batch_axes_do_not_split_load_the_same_rows(tmp_path):
+    """mesh {data: 1, tensor: 8} on 2 hosts x 4 devices: every device holds the whole batch, so
+    both hosts must load the same rows. Each used to load its own half, which jax took for the
+    whole batch: each host trained on part of it (loss, tokens and grad norm off, different on
+    the two hosts) with no error."""
+    extra = ["--mesh", "{data: 1, tensor: 8}", "--max_steps", "2", "--export_hf", "false"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    port = _free_port()
+    logs = [str(tmp_path / n) for n in ("one.log", "two_0.log", "two_1.log")]
+    procs = [_start(one, 8, None, logs[0], extra)]
+    procs += [_start(two, 4, f"{{coordinator_address: '127.0.0.1:{port}', num_processes: 2, "
+                             f"process_id: {i}}}", logs[1 + i], extra) for i in range(2)]
+    _wait(procs, logs)
+    a, b = _metrics(one), _metrics(two)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    for ma, mb in zip(a, b, strict=True):
+        assert ma["num_tokens"] == mb["num_tokens"]  # the whole global batch, once
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-6, abs=0), (ma, mb)
+        assert mb["grad_norm"] == pytest.approx(ma["grad_norm"], rel=1e-6, abs=0), (ma, mb)
+
+
+def test_process_batch_blocks():
+    """Which block of each global batch a host loads, from the rows its devices hold."""
+    from zephyr_jax.sharding import ShardingError, batch_blocks
+
+    full = set(range(8))
+    # data parallel over hosts: disjoint halves, in the order of their rows
+    halves = {0: {4, 5, 6, 7}, 1: {0, 1, 2, 3}}
+    assert [batch_blocks(halves, {p: full for p in halves}, 8, 8, p) for p in (0, 1)] == [
+        (1, 2), (0, 2)]
+    # interleaved rows (jax maps a host's rows to its devices' slices in order): still a block
+    assert batch_blocks({0: {0, 1, 4, 5}, 1: {2, 3, 6, 7}}, {0: full, 1: full}, 8, 8, 1) == (1, 2)
+    # the batch axes do not span the hosts: one block, the same rows on both
+    both = {0: set(range(8)), 1: set(range(8))}
+    assert [batch_blocks(both, {0: full, 1: full}, 8, 8, p) for p in (0, 1)] == [(0, 1), (0, 1)]
+    # four hosts, two blocks: pairs of hosts share one
+    pairs = {0: {0, 1, 2, 3}, 1: {0, 1, 2, 3}, 2: {4, 5, 6, 7}, 3: {4, 5, 6, 7}}
+    assert [batch_blocks(pairs, dict.fromkeys(pairs, full), 8, 8, p)
+            for p in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    with pytest.raises(ShardingError, match="overlapping but unequal"):
+        batch_blocks({0: {0, 1, 2, 3, 4, 5}, 1: {4, 5, 6, 7}}, {0: full, 1: full}, 8, 8, 0)
+    with pytest.raises(ShardingError, match="activation_length"):
+        batch_blocks(both, {0: {0, 1, 2, 3}, 1: {4, 5, 6, 7}}, 8, 8, 0)
+
+
 @pytest.mark.slow  # ~40-60 s; the success path above runs the same agreement, with no failure
 def test_a_failed_export_part_fails_both_and_keeps_the_previous_export(tmp_path):
     """Process 1's converter part dies (a `sitecustomize` on its PYTHONPATH exits the converter
@@ -257,6 +303,13 @@ def test_first_host_of_slurm_node_lists():
     assert first_host("gpu[003-006,9],cpu1") == "gpu003"
     assert first_host("a-b-1,c2") == "a-b-1"
     assert first_host("n[7,9]") == "n7"
+    # text after a bracket group, and several groups (SLURM expands them left to right): the
+    # coordinator was "node01" and "rack1", hosts that do not exist
+    assert first_host("node[01-02]-ib") == "node01-ib"
+    assert first_host("rack[1-2]-node[01-04],login1") == "rack1-node01"
+    for bad in ("", "node[01", "a]b"):
+        with pytest.raises(ConfigError, match="cannot find its first host"):
+            first_host(bad)
 
 
 def test_slurm_launch_script_parses_and_runs_the_recipe():

@@ -197,3 +197,27 @@ def test_hf_weights_take_param_dtype(tmp_path):
                        strict=True):
         assert isinstance(b, jax.Array) and b.sharding == s and b.dtype == a.dtype
         np.testing.assert_array_equal(np.asarray(b), a)
+
+
+def test_a_mesh_whose_expert_axis_does_not_divide_the_experts_fails_at_load(tmp_path):
+    """It used to load (the experts left replicated, with a warning) and fail at the first call."""
+    import subprocess
+    import sys
+
+    from test_convert_helpers import make_hf_model, save_hf
+
+    path = save_hf(make_hf_model(num_local_experts=3, num_experts_per_tok=2), tmp_path / "hf")
+    code = ("import jax; jax.config.update('jax_platforms', 'cpu'); "
+            "jax.config.update('jax_num_cpu_devices', 2)\n"
+            "import zephyr_jax\n"
+            "from zephyr_jax.sharding import ShardingError\n"
+            "try:\n"
+            f"    zephyr_jax.from_pretrained({str(path)!r}, mesh='expert=2')\n"
+            "except ShardingError as e:\n"
+            "    print('REFUSED', e)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REFUSED" in proc.stdout and "num_local_experts=3 is not divisible" in proc.stdout, (
+        proc.stdout + proc.stderr[-2000:])

@@ -57,14 +57,15 @@ class DistributedSettings:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: "gpu[003-006,9],cpu1" -> "gpu003"."""
-    m = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
-    if not m or not (m.group(1) or m.group(2)):
+    """The first host of a SLURM node list: "gpu[003-006,9],cpu1" -> "gpu003",
+    "node[01-02]-ib" -> "node01-ib", "rack[1-2]-n[01-04]" -> "rack1-n01" (SLURM expands the
+    bracket groups left to right, each from its first entry)."""
+    text = nodelist.strip()
+    item = re.match(r"(?:[^,\[\]]|\[[^\[\]]*\])*", text).group(0)  # up to a comma outside []
+    host = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], item)
+    if not host or not (item == text or text[len(item)] == ","):
         raise ConfigError(f"SLURM node list {nodelist!r}: cannot find its first host")
-    prefix, ranges = m.group(1), m.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + re.split(r"[,-]", ranges)[0]
+    return host
 
 
 def _int(value, name: str) -> int:

@@ -8,6 +8,7 @@ output_dir (its latest step's params).
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -42,6 +43,10 @@ def from_pretrained(path: str | os.PathLike, mesh=None, **runtime: Any) -> Mixtr
 
         mesh = as_mesh(mesh)
         cfg = config_of(path, **runtime)
+        # the expert check (and the rules'), at load: an expert axis that does not divide the
+        # experts used to load (weights replicated, with a warning) and fail at the first call;
+        # a batch of one per batch shard passes the batch check, which generation sizes itself
+        zs.validate(mesh, cfg, math.prod(mesh.shape[a] for a in zs.batch_axes(mesh)))
         shardings = zs.params_dict_shardings(cfg, mesh)
         if cfg.moe_exchange == "ragged":  # unproven on GPUs: checked on these devices first
             from zephyr_jax.model.expert_parallel import check_exchange

@@ -595,10 +595,53 @@ def _key(k) -> str:
     return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
 
 
+def process_batch_block(mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                        global_batch: int = 0) -> tuple[int, int]:
+    """`(index, count)`: this process's rows of a global batch of `global_batch` rows are block
+    `index` of `count` equal blocks (its loader's `shard_index`, `shard_count`).
+
+    Processes whose devices hold the same rows (the batch mesh axes do not span them, e.g. a
+    `tensor` axis across hosts) share a block and must load the same rows: one row set per
+    process, as `jax.make_array_from_process_local_data` reads it, would silently train each
+    on part of the batch. Raises ShardingError where the layout gives no such blocks."""
+    spec = logical_to_spec(("activation_batch", "activation_length"), rules, mesh=mesh)
+    sharding = NamedSharding(mesh, PartitionSpec(*spec))
+    T = mesh.devices.size  # a length every mesh split divides
+    rows: dict[int, set] = {}
+    cols: dict[int, set] = {}
+    for device, index in sharding.devices_indices_map((global_batch, T)).items():
+        p = device.process_index
+        rows.setdefault(p, set()).update(range(*index[0].indices(global_batch)))
+        cols.setdefault(p, set()).update(range(*index[1].indices(T)))
+    return batch_blocks(rows, cols, global_batch, T, jax.process_index())
+
+
+def batch_blocks(rows_by_process: dict[int, set], cols_by_process: dict[int, set],
+                 global_batch: int, length: int, me: int) -> tuple[int, int]:
+    """`process_batch_block` from the rows and sequence positions each process's devices hold."""
+    if any(len(c) != length for c in cols_by_process.values()):
+        raise ShardingError("sharding_rules.activation_length splits the sequence across hosts; "
+                            "each host must hold whole rows (split it within a host only)")
+    blocks = sorted({frozenset(r) for r in rows_by_process.values()}, key=min)
+    if (len({len(b) for b in blocks}) != 1 or sum(len(b) for b in blocks) != global_batch):
+        raise ShardingError(
+            f"the batch mesh axes give the {len(rows_by_process)} processes overlapping but "
+            f"unequal parts of a batch of {global_batch}; make each host hold a whole share "
+            "(mesh axes in sharding_rules.activation_batch over hosts, or none)")
+    return blocks.index(frozenset(rows_by_process[me])), len(blocks)
+
+
 def global_batch_array(local_BT: np.ndarray, mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                       leading: int = 0) -> jax.Array:
+                       leading: int = 0, blocks: int | None = None) -> jax.Array:
     """This process's rows of a batch -> one global array split over the batch mesh axes.
-    `leading` extra unsharded axes come first (gradient accumulation: [A, B, T])."""
+    `leading` extra unsharded axes come first (gradient accumulation: [A, B, T]). `blocks`:
+    the global batch is that many times this process's rows (`process_batch_block`; default
+    one share per process, jax's inference)."""
     spec = logical_to_spec(("activation_batch", "activation_length"), rules, mesh=mesh)
     sharding = NamedSharding(mesh, PartitionSpec(*([None] * leading), *spec))
-    return jax.make_array_from_process_local_data(sharding, local_BT)
+    shape = None
+    if blocks is not None:
+        shape = list(local_BT.shape)
+        shape[leading] *= blocks
+        shape = tuple(shape)
+    return jax.make_array_from_process_local_data(sharding, local_BT, shape)

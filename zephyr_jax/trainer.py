@@ -138,29 +138,30 @@ class _StopFlag:
 
 
 def eval_batches(examples, batch_size: int, max_length: int, pad_token_id: int,
-                 process_index: int = 0, process_count: int = 1):
-    """`(this process's rows, real pairs)` of each global eval batch of `batch_size` pairs, in order.
+                 shard_index: int = 0, shard_count: int = 1):
+    """`(this process's rows, real pairs)` of each global eval batch of `batch_size` pairs, in order;
+    the process loads block `shard_index` of `shard_count` (`sharding.process_batch_block`).
 
     Every pair is evaluated: the last global batch is filled up with empty pairs (no attended
     token, no label, so they count in no metric), which keeps one shape for every batch and lets
     it split over any number of devices and processes."""
-    local = batch_size // process_count
+    local = batch_size // shard_count
     n = len(examples)
     filler = {k: np.zeros(0, np.int32) for k in zdata.BATCH_KEYS}
     for start in range(0, n, batch_size):
-        mine = range(min(start + process_index * local, n), min(start + (process_index + 1) * local, n))
+        mine = range(min(start + shard_index * local, n), min(start + (shard_index + 1) * local, n))
         rows = [examples[i] for i in mine] + [filler] * (local - len(mine))
         yield zdata.collate(rows, max_length, pad_token_id), min(batch_size, n - start)
 
 
 def evaluate(eval_fn, params, examples, batch_size: int, max_length: int, pad_token_id: int,
-             to_global=lambda b, leading: b, process_index: int = 0, process_count: int = 1) -> dict:
+             to_global=lambda b, leading: b, shard_index: int = 0, shard_count: int = 1) -> dict:
     """The eval step's metrics over every held-out pair, `eval_` names, as HF + TRL report them:
     `eval_loss` the mean over pairs (HF's evaluation loop weighs each batch's loss by its size),
     TRL's metrics the mean over batches of each batch's value (its `store_metrics`)."""
     window, sizes = [], []
     for batch, real in eval_batches(examples, batch_size, max_length, pad_token_id,
-                                    process_index, process_count):
+                                    shard_index, shard_count):
         window.append(jax.device_get(eval_fn(params, to_global(batch, 0))))
         sizes.append(real)
     if not window:
@@ -253,14 +254,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model_cfg = build_model_config(cfg)
     micro_batch = cfg.per_device_train_batch_size * n_devices  # global pairs per micro-batch
     accum = cfg.gradient_accumulation_steps
-    if micro_batch % process_count:
-        raise ConfigError(f"per_device_train_batch_size * devices = {micro_batch} is not divisible "
-                          f"by the {process_count} processes")
     if process_count > 1 and cfg.export_hf and cfg.save_strategy == "no":
         raise ConfigError("export_hf: on several processes the export streams the final "
                           "checkpoint; set save_strategy to steps or epoch")
     # every check that can fail does so before data loading and compiles
     mesh, rules, p_shard = mesh_and_shardings(cfg, model_cfg, micro_batch)
+    # which rows this process loads: its block of every global batch (hosts the batch axes do
+    # not split share a block and load the same rows)
+    block, blocks = sharding.process_batch_block(mesh, rules, micro_batch)
     if model_cfg.moe_exchange == "ragged":  # unproven on GPUs: checked on these devices first
         err = check_exchange(mesh, rules)
         if process_index == 0:
@@ -274,10 +275,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if len(train_examples) < micro_batch:
         raise ConfigError(f"dataset_mixer: {len(train_examples)} train pairs are fewer than one "
                           f"micro-batch of {micro_batch} (per_device_train_batch_size * devices)")
-    loader = zdata.PreferenceLoader(train_examples, batch_size=micro_batch // process_count,
+    loader = zdata.PreferenceLoader(train_examples, batch_size=micro_batch // blocks,
                                     max_length=cfg.max_length, pad_token_id=tokenizer.pad_token_id,
-                                    seed=cfg.seed, num_epochs=None, shard_index=process_index,
-                                    shard_count=process_count)
+                                    seed=cfg.seed, num_epochs=None, shard_index=block,
+                                    shard_count=blocks)
     # HF: an epoch is every micro-batch of the loader; its last optimizer step takes the
     # micro-batches left over when `accum` does not divide them (`micro_counts`)
     steps_per_epoch = math.ceil(loader.steps_per_epoch / accum)
@@ -300,7 +301,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             data_state = meta["data_state"]
             try:
                 loader.set_state({**data_state, "config": {**data_state["config"],
-                                                           "shard_index": process_index}})
+                                                           "shard_index": block}})
             except ValueError as e:  # other batch size, device or process count, or data
                 raise ConfigError(
                     f"cannot resume {ckpt.directory}/{resumed}: {e}. Resume with the run's "
@@ -314,19 +315,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         try:
             return _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_step,
                          eval_examples, tokenizer, steps_per_epoch, total_steps, accum, resumed,
-                         n_devices, process_index, process_count, t_start)
+                         n_devices, process_index, process_count, t_start, block, blocks)
         finally:  # a save still being written (async) finishes before the process ends
             ckpt.close()
 
 
 def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_step, eval_examples,
           tokenizer, steps_per_epoch, total_steps, accum, resumed, n_devices, process_index,
-          process_count, t_start):
+          process_count, t_start, block, blocks):
     if process_index == 0:
         _write_run_files(cfg, model_cfg)
 
     def to_global(batch, leading):
-        return {k: sharding.global_batch_array(v, mesh, rules, leading) for k, v in batch.items()}
+        return {k: sharding.global_batch_array(v, mesh, rules, leading, blocks)
+                for k, v in batch.items()}
 
     micro_per_epoch = loader.steps_per_epoch
 
@@ -389,7 +391,7 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
                 logger.log(step, evaluate(eval_step, state.params, eval_examples,
                                           cfg.per_device_eval_batch_size * n_devices, cfg.max_length,
                                           tokenizer.pad_token_id, to_global,
-                                          process_index, process_count))
+                                          block, blocks))
             if cfg.save_strategy == "steps" and step % every["save_steps"] == 0:
                 ckpt.save(state, save_meta())
             if cfg.save_strategy == "epoch" and at_epoch_end:
@@ -406,7 +408,7 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
     final = dict(last_logged)
     if eval_examples is not None and cfg.eval_strategy != "no" and cfg.do_eval:
         ev = evaluate(eval_step, state.params, eval_examples, cfg.per_device_eval_batch_size * n_devices,
-                      cfg.max_length, tokenizer.pad_token_id, to_global, process_index, process_count)
+                      cfg.max_length, tokenizer.pad_token_id, to_global, block, blocks)
         logger.log(step, ev)
         final.update(ev)
     if cfg.save_strategy != "no":
