@@ -109,6 +109,22 @@ def test_resume_appends_without_duplicating(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)][-2:] == [70, 70]
 
 
+def test_a_fresh_start_drops_an_earlier_runs_records(tmp_path):
+    """The trainer passes resume_step=0 when no checkpoint exists (a run that died before its
+    first save, or save_strategy no): its log starts over instead of repeating steps 1..N."""
+    first = RunLogger(tmp_path, report_to="tensorboard", logging_steps=1)
+    for step in (1, 2, 3):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    again = RunLogger(tmp_path, report_to="tensorboard", logging_steps=1, resume_step=0)
+    for step in (1, 2):
+        again.log(step, {"loss": 10.0 + step})
+    again.close()
+    rows = read_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 11.0), (2, 12.0)]
+    assert read_tensorboard_scalars(tmp_path / "runs")["train/loss"] == [(1, 11.0), (2, 12.0)]
+
+
 def test_resume_after_caller_truncated_the_file(tmp_path):
     """The trainer may cut metrics.jsonl back to its checkpoint itself and pass no resume_step:
     TensorBoard's purge then starts after the file's last step."""

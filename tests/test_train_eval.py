@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,26 @@ def test_accumulation_epochs_and_epoch_eval_on_two_devices(tmp_path, tok):
     for step, micro in ((2, 5), (4, 10)):
         meta = json.loads((ckpts / str(step) / "meta" / "metadata").read_text())
         assert meta["data_state"]["iterator"]["next_index"] == micro, step
+    # HF's records: eval with its epoch; at the end the summary of the session (train_loss the
+    # mean of its steps' losses: here the two equal windows' means)
+    assert [evals[s]["epoch"] for s in (2, 4)] == [1.0, 2.0]
+    [summary] = [r for r in rows if "train_loss" in r]
+    assert summary["step"] == 4 and summary["epoch"] == 2.0
+    assert summary["train_loss"] == pytest.approx((train[2]["loss"] + train[4]["loss"]) / 2,
+                                                  rel=1e-6)
+    assert summary["train_steps_per_second"] > 0 and summary["train_samples_per_second"] > 0
+    # the same command again: the run is done (resumes at its last step), and logs nothing new
+    before = (out / "metrics.jsonl").read_text()
+    again = subprocess.run(proc.args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "metrics.jsonl").read_text() == before
+    # started afresh over the old log (no checkpoint, as after a run that died before its first
+    # save): the log starts over, each step once, instead of the old records then the new
+    shutil.rmtree(ckpts)
+    fresh = subprocess.run(proc.args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env=env)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    rows_again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_again] == [r["step"] for r in rows]
+    assert [r.get("loss") for r in rows_again] == [r.get("loss") for r in rows]  # deterministic

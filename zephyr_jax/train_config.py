@@ -72,6 +72,7 @@ class TrainConfig:
     # logging/eval/save_steps as HF: an integer >= 1, or a float in (0, 1) = a ratio of the total
     # optimizer steps; eval_steps null means logging_steps. `resolved_steps` gives the counts.
     logging_steps: int | float = 10
+    logging_first_step: bool = False  # HF: also log step 1
     eval_strategy: str = "steps"
     eval_steps: int | float | None = None
     save_strategy: str = "steps"

@@ -245,7 +245,6 @@ def sharded_steps(cfg: TrainConfig, model_cfg: MixtralConfig, params, tx, schedu
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training described by `cfg`; returns the last logged metrics."""
-    t_start = time.time()
     maybe_initialize(cfg.distributed)  # before anything asks JAX about devices
     os.makedirs(cfg.output_dir, exist_ok=True)
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -315,14 +314,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         try:
             return _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_step,
                          eval_examples, tokenizer, steps_per_epoch, total_steps, accum, resumed,
-                         n_devices, process_index, process_count, t_start, block, blocks)
+                         n_devices, process_index, process_count, block, blocks)
         finally:  # a save still being written (async) finishes before the process ends
             ckpt.close()
 
 
 def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_step, eval_examples,
           tokenizer, steps_per_epoch, total_steps, accum, resumed, n_devices, process_index,
-          process_count, t_start, block, blocks):
+          process_count, block, blocks):
     if process_index == 0:
         _write_run_files(cfg, model_cfg)
 
@@ -353,17 +352,22 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
         return {"step": int(state.step), "data_state": data_state, "config": cfg.to_dict(),
                 "model_config": model_cfg.to_hf()}
 
-    # resume_step drops what a killed run logged past its checkpoint, so the log has no duplicates
+    # resume_step drops what an earlier run logged past the step this one starts from (all of
+    # it on a fresh start: a run that died before its first save), so the log has no duplicates
     every = cfg.resolved_steps(total_steps)  # HF: a value below 1 is a ratio of total_steps
     logger = RunLogger(cfg.output_dir, report_to=cfg.report_to, logging_steps=every["logging_steps"],
-                       resume_step=int(state.step) if resumed is not None else None)
+                       logging_first_step=cfg.logging_first_step, resume_step=int(state.step))
+    logger.log_config(cfg.to_dict())  # TensorBoard text "args", as HF's callback writes it
     # HF: eval_steps defaults to logging_steps (resolved_steps applies it)
     eval_every = every["eval_steps"] if cfg.eval_strategy == "steps" and cfg.do_eval else None
     step, window, last_logged = int(state.step), [], {}
+    # HF's end-of-training summary covers this session's steps only
+    session = {"start": time.time(), "steps": 0, "pairs": 0, "loss_sum": 0.0}
     progress = logger.progress(total=total_steps, initial=step)
     with _StopFlag() as stop:
         batch = next_batch(step) if step < total_steps else None
         while step < total_steps:
+            session["pairs"] += math.prod(batch["chosen_input_ids"].shape[:2])  # [A, B, T]
             state, metrics = train_step(state, batch)  # dispatched: the device runs it from here
             data_state = loader.get_state()
             # read and send the next batch while this step runs, instead of after it: the
@@ -378,9 +382,11 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
                     f"stopping. The update was not applied; the last good checkpoint in "
                     f"{ckpt.directory} (step {ckpt.latest_step()}) is intact.")
             window.append(metrics)
+            session["steps"] += 1
+            session["loss_sum"] += float(metrics["loss"])
             progress.update(step, loss=float(metrics["loss"]), lr=float(metrics["learning_rate"]),
                             tokens=float(metrics["num_tokens"]))
-            if step % every["logging_steps"] == 0 or step == total_steps:
+            if logger.should_log(step):  # HF's rule; the last steps' window goes into the summary
                 last_logged = {**_mean_window(window), "epoch": epoch_at(step)}
                 logger.log(step, last_logged)
                 window = []
@@ -388,10 +394,10 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
             if (eval_examples is not None and step < total_steps and cfg.do_eval
                     and ((eval_every and step % eval_every == 0)
                          or (cfg.eval_strategy == "epoch" and at_epoch_end))):
-                logger.log(step, evaluate(eval_step, state.params, eval_examples,
-                                          cfg.per_device_eval_batch_size * n_devices, cfg.max_length,
-                                          tokenizer.pad_token_id, to_global,
-                                          block, blocks))
+                logger.log(step, {**evaluate(eval_step, state.params, eval_examples,
+                                             cfg.per_device_eval_batch_size * n_devices,
+                                             cfg.max_length, tokenizer.pad_token_id, to_global,
+                                             block, blocks), "epoch": epoch_at(step)})
             if cfg.save_strategy == "steps" and step % every["save_steps"] == 0:
                 ckpt.save(state, save_meta())
             if cfg.save_strategy == "epoch" and at_epoch_end:
@@ -406,22 +412,38 @@ def _loop(cfg, model_cfg, mesh, rules, state, loader, ckpt, train_step, eval_ste
                 return {"stopped_by_signal": stop.signal, "step": step}
     progress.close()
     final = dict(last_logged)
-    if eval_examples is not None and cfg.eval_strategy != "no" and cfg.do_eval:
-        ev = evaluate(eval_step, state.params, eval_examples, cfg.per_device_eval_batch_size * n_devices,
-                      cfg.max_length, tokenizer.pad_token_id, to_global, block, blocks)
+    ran = session["steps"] > 0  # 0: a finished run started again (its end is logged and saved)
+    if ran and eval_examples is not None and cfg.eval_strategy != "no" and cfg.do_eval:
+        ev = {**evaluate(eval_step, state.params, eval_examples,
+                         cfg.per_device_eval_batch_size * n_devices, cfg.max_length,
+                         tokenizer.pad_token_id, to_global, block, blocks), "epoch": epoch_at(step)}
         logger.log(step, ev)
         final.update(ev)
-    if cfg.save_strategy != "no":
+    if ran and cfg.save_strategy != "no":
         ckpt.save(state, save_meta())
+    if ran:
+        summary = train_summary(session, epoch_at(step))
+        logger.log(step, summary)
+        final.update(summary)
     logger.close()
     ckpt.close()
     if cfg.export_hf:
         export_dir = _export_hf(cfg, model_cfg, state, tokenizer, process_index, process_count)
         if process_index == 0:
             print(f"[train] exported Hugging Face model to {export_dir}", flush=True)
-    final["train_runtime"] = time.time() - t_start
     final["step"] = step
     return final
+
+
+def train_summary(session: dict, epoch: float) -> dict:
+    """HF Trainer's end-of-training record (its `speed_metrics("train", ...)` and `train_loss`)
+    for this session: runtime (export excluded), pairs and optimizer steps per second, and the
+    mean loss of its steps. (HF's `total_flos` is left out.)"""
+    runtime = time.time() - session["start"]
+    return {"train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(session["pairs"] / runtime, 3),
+            "train_steps_per_second": round(session["steps"] / runtime, 3),
+            "train_loss": session["loss_sum"] / max(session["steps"], 0.001), "epoch": epoch}
 
 
 def _export_hf(cfg, model_cfg, state, tokenizer, process_index: int, process_count: int) -> str:
