@@ -67,8 +67,9 @@ def _wait(procs, logs, timeout=600):
 
 
 def _metrics(out: str) -> list[dict]:
+    """The training records (not eval ones, nor the end-of-run summary)."""
     with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
+        return [r for r in map(json.loads, fh) if "loss" in r]
 
 
 def test_two_processes_train_like_one(tmp_path):
