@@ -94,6 +94,14 @@ def test_hub_path_and_offline_error(monkeypatch):
     assert load_preference_dataset("org/name", "test")[0] == {"x": "org/name", "s": "test"}
 
 
+def test_splits_sort_by_name_as_the_handbook_does():
+    from zephyr_jax.data import splits_by_kind
+
+    assert splits_by_kind(["test_prefs", "train_prefs", "train_gen", "test"]) == {
+        "train": ["train_prefs", "train_gen"], "test": ["test_prefs", "test"]}
+    assert splits_by_kind(["train"]) == {"train": ["train"]}
+
+
 def test_mixer_matches_handbook_order(train_rows):
     """handbook mix_datasets: first int(frac * n) train rows, all test rows, each shuffled with
     seed 42 (datasets' shuffle = numpy default_rng(42).permutation)."""

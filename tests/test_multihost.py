@@ -308,7 +308,7 @@ def test_first_host_of_slurm_node_lists():
     # coordinator was "node01" and "rack1", hosts that do not exist
     assert first_host("node[01-02]-ib") == "node01-ib"
     assert first_host("rack[1-2]-node[01-04],login1") == "rack1-node01"
-    for bad in ("", "node[01", "a]b"):
+    for bad in ("", "node[01", "a]b", "[]x"):
         with pytest.raises(ConfigError, match="cannot find its first host"):
             first_host(bad)
 

@@ -59,6 +59,8 @@ def test_eval_batches_give_every_pair_once_across_processes():
         assert sorted(seen) == list(range(11)), processes
         assert shapes == {(8 // processes, 16)}, processes
     assert [real for _, real in trainer.eval_batches(examples, 8, 16, 0)] == [8, 3]
+    with pytest.raises(ValueError, match="does not split into 3 equal blocks"):
+        next(trainer.eval_batches(examples, 8, 16, 0, 0, 3))
 
 
 def test_eval_on_3_devices_covers_every_pair_as_one_device_does():

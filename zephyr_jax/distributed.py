@@ -61,7 +61,7 @@ def first_host(nodelist: str) -> str:
     "node[01-02]-ib" -> "node01-ib", "rack[1-2]-n[01-04]" -> "rack1-n01" (SLURM expands the
     bracket groups left to right, each from its first entry)."""
     text = nodelist.strip()
-    item = re.match(r"(?:[^,\[\]]|\[[^\[\]]*\])*", text).group(0)  # up to a comma outside []
+    item = re.match(r"(?:[^,\[\]]|\[[^\[\]]+\])*", text).group(0)  # up to a comma outside []
     host = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], item)
     if not host or not (item == text or text[len(item)] == ","):
         raise ConfigError(f"SLURM node list {nodelist!r}: cannot find its first host")

@@ -202,6 +202,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "chat_template.json")
 
 
+def tokenizer_folder(tokenizer) -> str | None:
+    """The folder a `tokenizer` argument reads from: a path, or None for a tokenizer object
+    (`save_pretrained`) or no tokenizer. A writer's output must not replace it."""
+    return None if tokenizer is None or hasattr(tokenizer, "save_pretrained") else tokenizer
+
+
 def save_tokenizer(tokenizer, folder: str) -> None:
     """Put a tokenizer's files in `folder`: from an object with `save_pretrained(dir)` (a
     transformers tokenizer), or copied from a folder of tokenizer files."""
@@ -310,8 +316,7 @@ def save_model_checkpoint(path: str | os.PathLike, cfg: MixtralConfig, params: d
     dtypes = {np.dtype(v.dtype).name for v in flat.values()}
     if len(dtypes) == 1:
         cfg = cfg.replace(param_dtype=dtypes.pop())
-    tokenizer_dir = None if tokenizer is None or hasattr(tokenizer, "save_pretrained") else tokenizer
-    with staged_dir(path, overwrite, sources=(tokenizer_dir,)) as tmp:
+    with staged_dir(path, overwrite, sources=(tokenizer_folder(tokenizer),)) as tmp:
         write_config(tmp, cfg)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)

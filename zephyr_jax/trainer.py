@@ -86,7 +86,7 @@ def build_data(cfg: TrainConfig, tokenizer, process_index: int, process_count: i
                           "(a split whose name contains 'train')")
     out = {}
     for kind, rows in mixed.items():
-        names = [s for s in cfg.dataset_splits if (kind in s and (kind == "train" or "train" not in s))]
+        names = zdata.splits_by_kind(cfg.dataset_splits)[kind]
         examples, report = zdata.tokenize_dataset(
             rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
             max_bad_fraction=cfg.max_bad_row_fraction, source=f"{kind} split {'+'.join(names)}")
@@ -145,6 +145,9 @@ def eval_batches(examples, batch_size: int, max_length: int, pad_token_id: int,
     Every pair is evaluated: the last global batch is filled up with empty pairs (no attended
     token, no label, so they count in no metric), which keeps one shape for every batch and lets
     it split over any number of devices and processes."""
+    if batch_size % shard_count:
+        raise ValueError(f"eval batch of {batch_size} pairs does not split into {shard_count} "
+                         "equal blocks: some pairs would be evaluated by no process")
     local = batch_size // shard_count
     n = len(examples)
     filler = {k: np.zeros(0, np.int32) for k in zdata.BATCH_KEYS}
@@ -279,7 +282,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                     seed=cfg.seed, num_epochs=None, shard_index=block,
                                     shard_count=blocks)
     # HF: an epoch is every micro-batch of the loader; its last optimizer step takes the
-    # micro-batches left over when `accum` does not divide them (`micro_counts`)
+    # micro-batches left over when `accum` does not divide them (`micro_count`)
     steps_per_epoch = math.ceil(loader.steps_per_epoch / accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 

@@ -22,6 +22,7 @@ from zephyr_jax.data.loading import (
     load_mixture,
     load_preference_dataset,
     mix_datasets,
+    splits_by_kind,
 )
 from zephyr_jax.data.paths import SAMPLE_DATA, TOKENIZER_DIR
 from zephyr_jax.data.pipeline import PreferenceLoader
@@ -52,6 +53,7 @@ __all__ = [
     "mix_datasets",
     "process_rows",
     "render_row",
+    "splits_by_kind",
     "tokenize_dataset",
     "tokenize_row",
     "tokenize_texts",

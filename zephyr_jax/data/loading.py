@@ -227,9 +227,14 @@ def mix_datasets(
     """The handbook's `mix_datasets(dataset_mixer, splits)`: {"train": ..., "test": ...}, all
     splits of a kind concatenated (dataset by dataset) before the shuffle (see `load_mixture`)."""
     _check_mixer(dataset_mixer, splits)
-    out = {}
-    for kind in ("train", "test"):
-        of_kind = [s for s in splits if kind in s and (kind == "train" or "train" not in s)]
-        if of_kind:
-            out[kind] = _mix(dataset_mixer, of_kind, columns_to_keep, shuffle, seed)
+    return {kind: _mix(dataset_mixer, names, columns_to_keep, shuffle, seed)
+            for kind, names in splits_by_kind(splits).items()}
+
+
+def splits_by_kind(splits: Sequence[str]) -> dict[str, list[str]]:
+    """{"train": [...], "test": [...]} (kinds without a split left out): a name with "train" is a
+    train split, any other (with "test") a test split, as the handbook's `mix_datasets` sorts them."""
+    out: dict[str, list[str]] = {}
+    for split in splits:
+        out.setdefault("train" if "train" in split else "test", []).append(split)
     return out

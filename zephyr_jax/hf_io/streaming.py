@@ -199,8 +199,7 @@ def write_hf(out: str | os.PathLike, cfg: MixtralConfig, leaf_dtypes: dict[str, 
         trainer stages its parts in `output_dir/.hf.export-partial`, inside the output_dir they
         are read from).
     """
-    tokenizer_dir = None if tokenizer is None or hasattr(tokenizer, "save_pretrained") else tokenizer
-    read_dirs = (*sources, *sidecar_dirs, tokenizer_dir)
+    read_dirs = (*sources, *sidecar_dirs, mc.tokenizer_folder(tokenizer))
     layout = "fused" if fused_experts else mapping.DEFAULT_LAYOUT
     dtype = parse_dtype(dtype)
     hf_dtypes = mapping.hf_dtypes(cfg, layout, {k: np.dtype(v) for k, v in leaf_dtypes.items()})
